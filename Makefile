@@ -1,0 +1,66 @@
+# RisKVA: the two commands that must always work on a fresh machine are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export RISKVA_HOME ?= $(CURDIR)/riskva_home
+export DAGSTER_HOME ?= $(RISKVA_HOME)/dagster_home
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED ?= 1
+# DeepSpeed picks its accelerator at import; on a machine without an NVIDIA GPU it must be told "cpu".
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo cpu)
+PORT ?= 3000
+MLFLOW_PORT ?= 5000
+SERVE_PORT ?= 5001
+
+.PHONY: install test demo ui mlflow-ui serve smoke bench browser clean
+
+install: $(STAMP)
+
+# Idempotent: re-runs only when pyproject.toml changes. torch and torchvision are
+# installed first, pinned together, so no resolver can pull in a different torch.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# Chromium for the Dagster UI browser tests (Debian's package; never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "browser tests need Chromium: sudo apt-get install -y chromium"; fi; }
+
+test: install browser
+	$(VENV)/bin/pytest
+
+demo: install
+	$(PY) -m riskva_assets.demo
+
+ui: install
+	@mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	@echo "Dagster UI: http://127.0.0.1:$(PORT)"
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
+
+mlflow-ui: install
+	@mkdir -p $(RISKVA_HOME)/mlflow/artifacts
+	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(RISKVA_HOME)/mlflow/mlflow.db \
+	  --default-artifact-root $(RISKVA_HOME)/mlflow/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+serve: install
+	$(VENV)/bin/riskva serve --port $(SERVE_PORT)
+
+smoke: install
+	$(VENV)/bin/pytest tests/test_readme.py
+
+bench: install
+	$(PY) benchmarks/bench_prepare.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_infer.py
+
+clean:
+	rm -rf $(RISKVA_HOME) test-artifacts .pytest_cache

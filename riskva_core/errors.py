@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints ``str(err)`` as one line and exits with ``exit_code``."""
+from __future__ import annotations
+
+
+class RiskvaError(Exception):
+    """An error caused by input, not by a bug: shown as one line, never a traceback."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
