@@ -9,6 +9,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DAGSTER_DISABLE_TELEMETRY ?= true
 # DeepSpeed picks its accelerator at import; on a machine without an NVIDIA GPU it must be told "cpu".
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo cpu)
 PORT ?= 3000
@@ -41,8 +43,8 @@ demo: install
 	$(PY) -m riskva_assets.demo
 
 ui: install
-	@mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
-	@echo "Dagster UI: http://127.0.0.1:$(PORT)"
+	@$(PY) -m riskva_assets.instance >/dev/null
+	@echo "Dagster UI: http://127.0.0.1:$(PORT)  (DAGSTER_HOME=$(DAGSTER_HOME))"
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
 
 mlflow-ui: install

@@ -1,0 +1,52 @@
+"""The Dagster code location: ``dagster dev -m riskva_assets.definitions`` (or workspace.yaml).
+
+Resources read the environment at run time through ``dg.EnvVar`` when the variable
+is set (see resources.py for the list); unset variables fall back to the defaults
+that keep everything under ./riskva_home.
+"""
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from .assets import ALL_ASSETS
+from .jobs import data_job, promote_job, retrain_job
+from .resources import DataRootResource, MlflowResource, TrainingLauncher
+from .schedules import weekly_retrain
+from .sensors import new_dataset_sensor
+
+
+def _env(name: str, default):
+    """``dg.EnvVar(name)`` when set (shown as such in the UI), else the default."""
+    return dg.EnvVar(name) if os.environ.get(name) else default
+
+
+def _env_int(name: str, default: int):
+    return dg.EnvVar.int(name) if os.environ.get(name) else default
+
+
+def build_resources() -> dict:
+    paths = DataRootResource(root=_env("RISKVA_HOME", ""))
+    return {
+        "paths": paths,
+        "mlflow": MlflowResource(
+            paths=paths,
+            tracking_uri=_env("RISKVA_MLFLOW_TRACKING_URI", ""),
+            registry_uri=_env("RISKVA_MLFLOW_REGISTRY_URI", ""),
+            ui_url=_env("RISKVA_MLFLOW_UI_URL", "http://127.0.0.1:5000"),
+        ),
+        "launcher": TrainingLauncher(
+            num_processes=_env_int("RISKVA_NUM_PROCESSES", 1),
+            base_model_path=_env("RISKVA_BASE_MODEL", ""),
+        ),
+    }
+
+
+defs = dg.Definitions(
+    assets=ALL_ASSETS,
+    jobs=[data_job, retrain_job, promote_job],
+    sensors=[new_dataset_sensor],
+    schedules=[weekly_retrain],
+    resources=build_resources(),
+)

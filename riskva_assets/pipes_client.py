@@ -1,0 +1,99 @@
+"""A Pipes subprocess client that stops *every* training rank on cancel.
+
+``dg.PipesSubprocessClient`` forwards termination by sending SIGINT to the one
+process it started. Here that process is the ``accelerate launch`` wrapper; the
+ranks are its children (torchrun workers), so a signal to the wrapper alone can
+leave ranks running or kill them before they save. This client starts the command
+in its own process group and, when the Dagster run is cancelled, sends SIGTERM to
+the whole group: every rank's SIGTERM handler (riskva_core.train) saves a
+checkpoint and exits. After ``termination_timeout_seconds`` anything still alive
+is killed.
+
+Swapping in Kubernetes (GPU cluster; not runnable here): give the asset a
+``dagster_k8s.PipesK8sClient`` resource instead and launch the same command in a
+pod whose spec requests GPUs, e.g.::
+
+    PipesK8sClient(load_incluster_config=True).run(
+        context=context,
+        image="registry.example.com/riskva:TAG",
+        command=launcher.command(args),          # the same accelerate launch command
+        base_pod_spec={"containers": [{"resources": {"limits": {"nvidia.com/gpu": "8"}}}]},
+        env=launcher.env_vars(),
+    ).get_materialize_result()
+
+``riskva_assets.pipes_train`` works unchanged in the pod: Pipes reaches it through
+environment variables and rank 0 reports through the pod's log stream.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+
+import dagster as dg
+from dagster._core.errors import DagsterExecutionInterruptedError, DagsterPipesExecutionError
+from dagster._core.pipes.utils import open_pipes_session
+
+
+class ProcessGroupPipesClient(dg.PipesSubprocessClient):
+    """``PipesSubprocessClient`` whose cancel reaches every process the command spawned."""
+
+    def run(  # type: ignore[override]
+        self,
+        *,
+        context: dg.OpExecutionContext | dg.AssetExecutionContext,
+        command: str | Sequence[str],
+        extras: Mapping | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> dg.PipesClientCompletedInvocation:
+        with open_pipes_session(
+            context=context,
+            context_injector=self.context_injector,
+            message_reader=self.message_reader,
+            extras=extras,
+        ) as session:
+            process = subprocess.Popen(
+                command,
+                cwd=cwd or self.cwd,
+                env={**os.environ, **self.env, **(env or {}), **session.get_bootstrap_env_vars()},
+                start_new_session=True,  # its own process group: one signal reaches every rank
+            )
+            try:
+                process.wait()
+            except DagsterExecutionInterruptedError:
+                if self.forward_termination:
+                    context.log.warning(
+                        "[pipes] run cancelled: SIGTERM to every training process; "
+                        f"waiting up to {self.termination_timeout_seconds:.0f}s for checkpoints"
+                    )
+                    terminate_group(process, self.termination_timeout_seconds)
+                raise
+            if process.returncode != 0:
+                raise DagsterPipesExecutionError(
+                    f"training command failed with exit code {process.returncode}: {format_command(command)}"
+                )
+        return dg.PipesClientCompletedInvocation(session)
+
+
+def terminate_group(process: subprocess.Popen, timeout_s: float) -> int | None:
+    """SIGTERM the process group, wait ``timeout_s``, then SIGKILL what is left."""
+    try:
+        pgid = os.getpgid(process.pid)
+    except ProcessLookupError:
+        return process.poll()
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(pgid, signal.SIGKILL)
+        return process.wait()
+    except ProcessLookupError:
+        return process.poll()
+
+
+def format_command(command: str | Sequence[str]) -> str:
+    import shlex
+
+    return command if isinstance(command, str) else shlex.join(command)

@@ -1,0 +1,108 @@
+"""Resources: where data lives, where MLflow lives, how training is launched.
+
+Each is a ``dg.ConfigurableResource`` whose fields can be set in the Launchpad or
+from the environment with ``dg.EnvVar`` (see definitions.py):
+
+    RISKVA_HOME                data root (default ./riskva_home)
+    RISKVA_MLFLOW_TRACKING_URI default sqlite:///$RISKVA_HOME/mlflow/mlflow.db
+    RISKVA_MLFLOW_REGISTRY_URI default: the tracking URI
+    RISKVA_MLFLOW_UI_URL       link target in asset metadata (default http://127.0.0.1:5000)
+    RISKVA_NUM_PROCESSES       training ranks (default 1)
+    RISKVA_BASE_MODEL          base model folder or hub id (default: the demo tiny model)
+"""
+from __future__ import annotations
+
+import shlex
+import socket
+import sys
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from riskva_core.paths import DataRoot, default_home
+from riskva_core.registry import Registry
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class DataRootResource(dg.ConfigurableResource):
+    """The data root of riskva_core/paths.py; empty means $RISKVA_HOME or ./riskva_home."""
+
+    root: str = Field(default="", description="Data root folder; empty: $RISKVA_HOME or ./riskva_home")
+
+    def layout(self) -> DataRoot:
+        return DataRoot(Path(self.root) if self.root else default_home())
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking + registry; defaults to sqlite and local artifacts under the data root."""
+
+    paths: DataRootResource
+    tracking_uri: str = Field(default="", description="Empty: sqlite:///<root>/mlflow/mlflow.db")
+    registry_uri: str = Field(default="", description="Empty: same as the tracking URI")
+    ui_url: str = Field(default="http://127.0.0.1:5000", description="MLflow UI base URL for links")
+
+    def registry(self) -> Registry:
+        root = self.paths.layout()
+        if self.tracking_uri:
+            return Registry(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri or None,
+                            ui_url=self.ui_url)
+        return Registry.under(root, registry_uri=self.registry_uri or None, ui_url=self.ui_url)
+
+
+class TrainingLauncher(dg.ConfigurableResource):
+    """How ``lora_adapter`` starts training: ``accelerate launch`` with the DeepSpeed config."""
+
+    num_processes: int = Field(default=1, description="Ranks (GPUs; CPU processes when no GPU)")
+    accelerate_config: str = Field(
+        default="configs/deepspeed_zero2.yaml",
+        description="accelerate config file (relative paths are relative to the repository)",
+    )
+    base_model_path: str = Field(
+        default="",
+        description="Base model folder or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct); empty: build the demo model",
+    )
+    termination_timeout_s: float = Field(
+        default=600.0, description="On cancel: seconds every rank gets to checkpoint before SIGKILL"
+    )
+    extra_env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the ranks")
+
+    def config_path(self) -> Path:
+        path = Path(self.accelerate_config)
+        return path if path.is_absolute() else REPO_ROOT / path
+
+    def command(self, module_args: list[str]) -> list[str]:
+        """``accelerate launch`` of riskva_assets.pipes_train with the train flags."""
+        # The venv's own accelerate, whatever is first on PATH.
+        accelerate = Path(sys.executable).with_name("accelerate")
+        return [
+            str(accelerate), "launch",
+            "--config_file", str(self.config_path()),
+            "--num_processes", str(self.num_processes),
+            # A free port per run: concurrent runs (or tests) must not collide on 29500.
+            "--main_process_port", str(free_port()),
+            "-m", "riskva_assets.pipes_train",
+            *module_args,
+        ]
+
+    def env_vars(self) -> dict[str, str]:
+        return {"PYTHONUNBUFFERED": "1", **self.extra_env}
+
+    def client(self) -> dg.PipesSubprocessClient:
+        from .pipes_client import ProcessGroupPipesClient
+
+        return ProcessGroupPipesClient(
+            cwd=str(REPO_ROOT),
+            forward_termination=True,
+            termination_timeout_seconds=self.termination_timeout_s,
+        )
+
+    def describe(self, module_args: list[str]) -> str:
+        return shlex.join(self.command(module_args))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
