@@ -71,8 +71,10 @@ class PromptTemplate:
     def messages(self, image_ref: str | None, fields: Mapping[str, Any] | None = None) -> list[dict]:
         """Chat messages in the Qwen2.5-VL content-list format.
 
-        ``image_ref`` is a relative path (JSONL) or None (Parquet, bytes live in a column);
-        the image item is a placeholder either way, the reader attaches the pixels.
+        The image item is a placeholder; prepare writes ``image_ref=None`` for both formats
+        (the image lives in the sample's ``image`` column, path or bytes) so JSONL and Parquet
+        give identical messages, and the collator attaches the pixels. ``image_ref`` is kept
+        for callers that want a self-describing message list (e.g. qwen-vl-utils).
         With ``fields`` the assistant answer is appended (training); without, it is a prompt.
         """
         image_item: dict[str, Any] = {"type": "image"}

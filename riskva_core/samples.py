@@ -162,7 +162,7 @@ def _read_jsonl(path: Path, split: str | None) -> Iterator[Sample]:
             )
 
 
-def _image_bytes(value: Any, where: str) -> bytes:
+def image_bytes_of(value: Any, where: str) -> bytes:
     if isinstance(value, dict):
         value = value.get("bytes")
     if isinstance(value, (bytes, bytearray)):
@@ -198,7 +198,7 @@ def _read_parquet(path: Path, split: str | None) -> Iterator[Sample]:
             image_path=str(row.get("image_path", "")),
             fields=_fields(row),
             messages=messages or [],
-            image_bytes=_image_bytes(row["image"], where),
+            image_bytes=image_bytes_of(row["image"], where),
             split=split,
             extra=extra or {},
         )

@@ -1,0 +1,127 @@
+"""Shared fixtures: small hand-made raw datasets (CSV + Pillow images) for any step's tests.
+
+    def test_x(make_raw_dataset):
+        ds = make_raw_dataset(12)                       # 12 valid rows, levels cycling
+        ds = make_raw_dataset([row(0), row(1, level="嚴重")], images={"images/extra.png": img})
+        ds.csv_path, ds.root                            # --csv_path, --image_base_path
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from riskva_core.schema import LEVELS
+
+RISKS = ("墙面开裂，存在渗水隐患", "钢筋外露，锈蚀加剧", "防水涂料透底，墙体易发霉", "模板支撑间距过大")
+ADVICE = ("建议凿除松散部位后修补，并加强养护。", "建议除锈后补刷防锈漆，加厚保护层。", "建议透底处补刷防水涂料。", "建议按方案加密支撑。")
+DESCRIPTIONS = ("墙面出现竖向裂缝，宽约2mm", "柱脚钢筋外露约10cm", "厨房墙面防水涂料透底", "顶板模板支撑立杆间距1.5m")
+
+
+def textured_image(index: int, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> Image.Image:
+    """A distinct, JPEG-friendly image per ``index``: smooth gradient plus a seeded pattern."""
+    w, h = size
+    rng = np.random.default_rng(index)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = rng.uniform(40, 200, size=3)
+    # Channels share one luminance pattern (like a photo): JPEG's chroma subsampling keeps it.
+    wave = np.sin((xx + yy * (index % 5 + 1)) / (6.0 + index % 4)) + 0.5 * np.cos(yy / 11.0 + index)
+    arr = np.stack([base[c] + 35 * wave for c in range(3)], axis=-1)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def image_bytes(img: Image.Image, fmt: str = "JPEG", **save_kwargs: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save_kwargs)
+    return buf.getvalue()
+
+
+def row(index: int, level: str | None = None, image_path: str | None = None, **overrides: str) -> dict[str, str]:
+    """One valid raw CSV row; keyword overrides may set any column (use data_xxx names)."""
+    r = {
+        "image_id": f"img{index:04d}",
+        "image_path": image_path if image_path is not None else f"images/{index:04d}.jpg",
+        "data_风险": RISKS[index % len(RISKS)],
+        "data_纠正和预防建议": ADVICE[index % len(ADVICE)],
+        "data_风险等级": level if level is not None else LEVELS[index % len(LEVELS)],
+        "data_缺陷描述": f"{DESCRIPTIONS[index % len(DESCRIPTIONS)]}（样本{index}）",
+    }
+    r.update(overrides)
+    return r
+
+
+@dataclasses.dataclass
+class RawDataset:
+    root: Path  # --image_base_path
+    csv_path: Path
+    rows: list[dict[str, str]]
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, str]], encoding: str = "utf-8", columns: Sequence[str] | None = None) -> Path:
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({c: r.get(c, "") for c in columns})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue().encode(encoding))
+    return path
+
+
+def build_raw_dataset(
+    root: Path,
+    rows: int | Sequence[Mapping[str, str]],
+    images: Mapping[str, Image.Image | bytes | None] | None = None,
+    encoding: str = "utf-8",
+    columns: Sequence[str] | None = None,
+    image_size: tuple[int, int] = (64, 48),
+) -> RawDataset:
+    """Write ``root/data.csv`` and the images its rows name.
+
+    ``rows`` is a count (that many valid rows) or explicit row dicts. Every relative
+    image_path gets a distinct textured JPEG unless ``images`` maps it to an image,
+    raw bytes, or None (= do not create the file).
+    """
+    row_list = [row(i) for i in range(rows)] if isinstance(rows, int) else [dict(r) for r in rows]
+    images = dict(images or {})
+    root.mkdir(parents=True, exist_ok=True)
+    paths = list(dict.fromkeys(r.get("image_path", "") for r in row_list))
+    for index, rel in enumerate(paths):
+        if rel in images or not rel or "://" in rel or rel.startswith("/") or ".." in rel:
+            continue
+        images[rel] = textured_image(index, image_size)
+    for rel, content in images.items():
+        if content is None:
+            continue
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            fmt = {".png": "PNG", ".bmp": "BMP", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF", ".gif": "GIF"}.get(target.suffix.lower(), "JPEG")
+            content.save(target, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    csv_path = write_csv(root / "data.csv", row_list, encoding=encoding, columns=columns)
+    return RawDataset(root=root, csv_path=csv_path, rows=row_list)
+
+
+@pytest.fixture
+def make_raw_dataset(tmp_path: Path) -> Callable[..., RawDataset]:
+    """``make_raw_dataset(rows, images=None, encoding="utf-8", columns=None, name="raw")``."""
+    counter = iter(range(1_000_000))
+
+    def make(rows: int | Sequence[Mapping[str, str]], name: str | None = None, **kwargs: Any) -> RawDataset:
+        return build_raw_dataset(tmp_path / (name or f"raw{next(counter)}"), rows, **kwargs)
+
+    return make
+
+
+__all__ = ["RawDataset", "build_raw_dataset", "image_bytes", "row", "textured_image", "write_csv"]
