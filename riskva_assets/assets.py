@@ -23,6 +23,7 @@ from pydantic import Field
 
 from riskva_core import registry as reg
 from riskva_core.errors import RiskvaError
+from riskva_core.recipes import DEMO_CPU_MODEL_SIZE
 from riskva_core.schema import CSV_COLUMNS, FIELD_LEVEL, FIELDS, LEVELS
 
 from . import lineage
@@ -231,7 +232,7 @@ def sft_parquet(context: dg.AssetExecutionContext, config: PrepareAssetConfig,
 
 # ----------------------------------------------------------------------------- model
 class BaseModelConfig(dg.Config):
-    size: str = Field(default="small", description="demo model size when no base_model_path: tiny | small")
+    size: str = Field(default=DEMO_CPU_MODEL_SIZE, description="demo model size when no base_model_path: tiny | small")
     seed: int = Field(default=0, description="weight-initialisation seed of the demo model")
 
 
@@ -300,7 +301,7 @@ class TrainConfig(dg.Config):
 
     def train_args(self) -> tuple[str, list[str]]:
         """(recipe used, flags): the recipe's flags, then every field set here (last flag wins)."""
-        from .recipes import resolve
+        from riskva_core.recipes import resolve
 
         recipe, args = resolve(self.recipe)
         for name in ("max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
