@@ -33,8 +33,10 @@ $(STAMP): pyproject.toml
 # Chromium for the Dagster UI browser tests (Debian's package; never a downloaded browser).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
-	  else echo "browser tests need Chromium: sudo apt-get install -y chromium"; fi; }
+	  if [ "$$(id -u)" = 0 ]; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-zenhei >/dev/null; } \
+	    || echo "make: could not install chromium; the browser tests will be skipped"; \
+	  else echo "browser tests need Chromium: sudo apt-get install -y chromium fonts-wqy-zenhei"; fi; }
 
 test: install browser
 	$(VENV)/bin/pytest

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,20 @@ def _invalid(message: str) -> Exception:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+# MLflow decodes base64 for `dataframe_split` but hands `inputs` payloads over as the raw
+# base64 text in a bytes object; real image files never consist of base64 characters only.
+_B64_TEXT = re.compile(rb"^[A-Za-z0-9+/=\r\n]+$")
+
+
 def _to_bytes(value: Any, row: int) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
+        data = bytes(value)
+        if _B64_TEXT.match(data):
+            try:
+                return base64.b64decode(data, validate=False)
+            except (binascii.Error, ValueError):
+                pass
+        return data
     if isinstance(value, str):
         text = value.split(",", 1)[1] if value.startswith("data:") else value
         try:
