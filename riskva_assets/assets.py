@@ -14,6 +14,7 @@ IO manager: each asset reads its upstream's files at their partition-keyed paths
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at runtime.
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -167,6 +168,11 @@ class PrepareAssetConfig(dg.Config):
     image_quality: int = Field(default=85, description="JPEG quality of the normalised images")
     max_image_side: int = Field(default=1024, description="images are fit within this square, never upscaled")
     max_reject_ratio: float = Field(default=0.1, description="same limit as raw_metadata's schema_valid")
+    prompt_config: Optional[str] = Field(
+        default=None,
+        description="prompt/answer template JSON (riskva prepare --prompt_config); default: $RISKVA_PROMPT_CONFIG, "
+        "else the seed's answer format",
+    )
 
 
 def _prepare(context: dg.AssetExecutionContext, config: PrepareAssetConfig, paths: DataRootResource,
@@ -182,6 +188,7 @@ def _prepare(context: dg.AssetExecutionContext, config: PrepareAssetConfig, path
         output_path=str(out), format=fmt, image_quality=config.image_quality,
         max_image_size=(config.max_image_side, config.max_image_side), val_ratio=config.val_ratio,
         test_ratio=config.test_ratio, seed=config.seed, max_reject_ratio=config.max_reject_ratio,
+        prompt_config=config.prompt_config or os.environ.get("RISKVA_PROMPT_CONFIG") or None,
     ))
     preview = read_samples(out, "train")[:PREVIEW_ROWS]
     return dg.MaterializeResult(

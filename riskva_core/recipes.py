@@ -14,14 +14,19 @@ from __future__ import annotations
 
 from typing import Any
 
-# Status (measured on the 240-image synth set, 192 train / 24 test, seed 0): with these flags
-# training takes ~2.5 min on 2 idle cores (~12 samples/s), train loss 0.40, val loss 0.94,
-# test 风险等级 accuracy 0.46, parse rate 1.00, ROUGE-L(char) 缺陷描述 0.52 — NOT yet at the
-# targets (0.90 / 0.98 / 0.8); the visual signal is what is missing (never predicts 严重).
+# Status (600 synth images, 478 train / 61 test, majority class 0.475): with the answer order of
+# configs/prompt_observe_first.json (缺陷描述, 风险等级 first; `make demo` uses it) these flags
+# give 风险等级 acc 0.74, parse 1.00, ROUGE-L(char) 缺陷描述 0.78 in ~4 min on 2 cores — short of
+# the 0.90 / 0.98 / 0.8 targets. Measured alternatives (4 epochs): seed answer order 0.56; + LoRA
+# on the ViT 0.51; whole ViT trained 0.61; full LM fine-tune 0.48; BPE vocab 768 0.59.
+# Why the seed order is hard for a tiny random model: 风险 opens with the location, which the
+# image cannot show; the next BPE phrase token fixes type and level, and every later field can be
+# copied from it, so only ~1 token per sample is learned from the image. Teacher-forced, the level
+# token gets p≈0.9 once the right 风险 text is given.
 DEMO_CPU: dict[str, Any] = {
     "per_device_train_batch_size": 4,
     "gradient_accumulation_steps": 1,
-    "num_train_epochs": 12,
+    "num_train_epochs": 10,
     "learning_rate": 2e-3,
     "lr_scheduler": "cosine",
     "warmup_ratio": 0.03,
@@ -32,12 +37,12 @@ DEMO_CPU: dict[str, Any] = {
     "lora_dropout": 0.0,
     "train_lm_head": True,
     "tune_merger": True,
-    "tune_vision": True,
+    "tune_vision": False,
     "min_pixels": 56 * 56,
     "max_pixels": 224 * 224,
     "max_length": 1024,
-    "logging_steps": 48,
-    "save_steps": 48,
+    "logging_steps": 20,
+    "save_steps": 200,
     "seed": 0,
 }
 # Model size for `riskva tiny-model` that DEMO_CPU was tuned with.
