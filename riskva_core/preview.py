@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
-
 from PIL import Image
 
 from . import atomic
 from .errors import RiskvaError
-from .samples import SPLITS, image_bytes_of, detect_format
+from .samples import SPLITS, Sample, detect_format, iter_samples
 from .schema import FIELD_LEVEL, FIELDS, LEVELS
 
 ANSWER_CHARS = 80
@@ -32,67 +31,32 @@ def _sources(path: Path) -> list[tuple[str, Path]]:
     return [(s, path / f"{s}.{fmt}") for s in SPLITS if (path / f"{s}.{fmt}").exists()]
 
 
-def _read_head(f: Path, n: int) -> tuple[int, Counter, list[dict[str, Any]]]:
-    """(row count, level counts, the first ``n`` rows as dicts with ``image_bytes`` or ``image_file``)."""
-    if f.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(f)
-        except Exception as exc:
-            raise RiskvaError(f"{f}: cannot read Parquet ({exc})") from None
-        total = pf.metadata.num_rows
-        levels: Counter = Counter()
-        if FIELD_LEVEL in pf.schema_arrow.names:
-            levels.update(str(v) for v in pf.read(columns=[FIELD_LEVEL]).column(FIELD_LEVEL).to_pylist())
-        head: list[dict[str, Any]] = []
-        if n > 0 and total:
-            for batch in pf.iter_batches(batch_size=n):
-                head = batch.to_pylist()[:n]
-                break
-        for i, row in enumerate(head):
-            for key in ("messages", "extra"):
-                if isinstance(row.get(key), str):
-                    row[key] = json.loads(row[key])
-            row["image_bytes"] = image_bytes_of(row.get("image"), f"{f} row {i}")
-        return total, levels, head
-    total, levels, head = 0, Counter(), []
-    with f.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RiskvaError(f"{f}:{lineno}: malformed JSON ({exc.msg})") from None
+def _read_head(f: Path, n: int) -> tuple[int, Counter, list[Sample]]:
+    """(row count, level counts, the first ``n`` samples) of one file, through the shared reader."""
+    samples = iter_samples(f)
+    head = list(itertools.islice(samples, n))
+    if f.suffix.lower() != ".parquet":
+        levels = Counter(s.fields[FIELD_LEVEL] for s in head)
+        total = len(head)
+        for sample in samples:  # JSONL rows are cheap: the images stay on disk
+            levels[sample.fields[FIELD_LEVEL]] += 1
             total += 1
-            levels[str(row.get(FIELD_LEVEL, ""))] += 1
-            if len(head) < n:
-                image_file = (f.parent / str(row.get("image", ""))).resolve()
-                if not image_file.is_relative_to(f.parent.resolve()):
-                    raise RiskvaError(f"{f}:{lineno}: image path escapes {f.parent}")
-                row["image_file"] = image_file
-                head.append(row)
-    return total, levels, head
+        return total, levels, head
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f)  # counts from the footer and one column, never the image bytes
+    levels = Counter()
+    if FIELD_LEVEL in pf.schema_arrow.names:
+        levels.update(str(v) for v in pf.read(columns=[FIELD_LEVEL]).column(FIELD_LEVEL).to_pylist())
+    return pf.metadata.num_rows, levels, head
 
 
-def _answer(row: dict[str, Any]) -> str:
-    for msg in reversed(row.get("messages") or []):
-        if msg.get("role") == "assistant":
-            content = msg.get("content")
-            text = content if isinstance(content, str) else "".join(c.get("text", "") for c in content if c.get("type") == "text")
-            text = text.replace("\n", " / ")
-            return text if len(text) <= ANSWER_CHARS else text[:ANSWER_CHARS] + "…"
-    return "(none)"
-
-
-def _image_data(row: dict[str, Any]) -> bytes:
-    if row.get("image_bytes") is not None:
-        return row["image_bytes"]
-    try:
-        return Path(row["image_file"]).read_bytes()
-    except OSError as exc:
-        raise RiskvaError(f"cannot read image {row['image_file']}: {exc.strerror}") from None
+def _answer(sample: Sample) -> str:
+    text = sample.answer
+    if text is None:
+        return "(none)"
+    text = text.replace("\n", " / ")
+    return text if len(text) <= ANSWER_CHARS else text[:ANSWER_CHARS] + "…"
 
 
 def preview(path: str | Path, num_rows: int = 3, dump_images: str | Path | None = None, num_images: int = 4) -> str:
@@ -121,25 +85,25 @@ def preview(path: str | Path, num_rows: int = 3, dump_images: str | Path | None 
         lines.append(f"{'total':<{width}}  {grand['__total__']:>6}  " + "  ".join(f"{grand[lvl]:>6}" for lvl in LEVELS) + f"  {other:>5}")
 
     for split, total, _, head in tables:
-        for i, row in enumerate(head[:num_rows]):
-            lines += ["", f"[{split} {i + 1}/{total}] id {row.get('id', '-')}  image_id {row.get('image_id', '-')}  image_path {row.get('image_path', '-')}"]
-            lines += [f"  {field}: {row.get(field, '')}" for field in FIELDS]
-            if row.get("extra"):
-                lines.append(f"  extra: {json.dumps(row['extra'], ensure_ascii=False, sort_keys=True)}")
-            lines.append(f"  answer: {_answer(row)}")
+        for i, sample in enumerate(head[:num_rows]):
+            lines += ["", f"[{split} {i + 1}/{total}] id {sample.id}  image_id {sample.image_id or '-'}  image_path {sample.image_path or '-'}"]
+            lines += [f"  {field}: {sample.fields.get(field, '')}" for field in FIELDS]
+            if sample.extra:
+                lines.append(f"  extra: {json.dumps(sample.extra, ensure_ascii=False, sort_keys=True)}")
+            lines.append(f"  answer: {_answer(sample)}")
 
     if dump_images:
         out = Path(dump_images)
         written = 0
         for split, _, _, head in tables:
-            for i, row in enumerate(head[:num_images]):
-                data = _image_data(row)
+            for i, sample in enumerate(head[:num_images]):
+                data = sample.image_data()
                 try:
                     with Image.open(io.BytesIO(data)) as img:
                         ext = (img.format or "bin").lower().replace("jpeg", "jpg")
                 except Exception:
                     raise RiskvaError(f"{split} row {i}: image bytes are not a readable image") from None
-                atomic.write_bytes(out / f"{split}_{i:03d}_{row.get('id', i)}.{ext}", data)
+                atomic.write_bytes(out / f"{split}_{i:03d}_{sample.id}.{ext}", data)
                 written += 1
         lines += ["", f"wrote {written} image(s) to {out}"]
     return "\n".join(lines)

@@ -52,16 +52,20 @@ class Sample:
     split: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def load_image(self) -> Image.Image:
+    def image_data(self) -> bytes:
+        """The stored (encoded) image bytes, from the Parquet column or the JSONL image file."""
         if self.image_bytes is not None:
-            return decode_image(self.image_bytes, self.id)
+            return self.image_bytes
         if self.image_file is not None:
             try:
-                data = self.image_file.read_bytes()
+                return self.image_file.read_bytes()
             except OSError as exc:
                 raise RiskvaError(f"sample {self.id}: cannot read image {self.image_file}: {exc.strerror}") from None
-            return decode_image(data, str(self.image_file))
         raise RiskvaError(f"sample {self.id}: has no image")
+
+    def load_image(self) -> Image.Image:
+        name = str(self.image_file) if self.image_bytes is None and self.image_file is not None else self.id
+        return decode_image(self.image_data(), name)
 
     @property
     def answer(self) -> str | None:
@@ -123,13 +127,21 @@ def split_file(dataset_path: str | Path, split: str) -> Path:
     return f
 
 
-def read_samples(dataset_path: str | Path, split: str = "train") -> list[Sample]:
-    """All samples of one split of a prepared folder, or of a single .jsonl/.parquet file."""
+def iter_samples(dataset_path: str | Path, split: str = "train") -> Iterator[Sample]:
+    """Stream the samples of one split (or of a single .jsonl/.parquet file) in file order.
+
+    Parquet is read a row group at a time, so a preview of a multi-gigabyte file stays cheap.
+    """
     f = split_file(dataset_path, split)
     split_name = f.stem if f.stem in SPLITS else None
     if detect_format(f) == "jsonl":
-        return list(_read_jsonl(f, split_name))
-    return list(_read_parquet(f, split_name))
+        return _read_jsonl(f, split_name)
+    return _read_parquet(f, split_name)
+
+
+def read_samples(dataset_path: str | Path, split: str = "train") -> list[Sample]:
+    """All samples of one split of a prepared folder, or of a single .jsonl/.parquet file."""
+    return list(iter_samples(dataset_path, split))
 
 
 def _fields(row: dict[str, Any]) -> dict[str, str]:
@@ -162,7 +174,7 @@ def _read_jsonl(path: Path, split: str | None) -> Iterator[Sample]:
             )
 
 
-def image_bytes_of(value: Any, where: str) -> bytes:
+def _image_bytes(value: Any, where: str) -> bytes:
     if isinstance(value, dict):
         value = value.get("bytes")
     if isinstance(value, (bytes, bytearray)):
@@ -179,12 +191,13 @@ def _read_parquet(path: Path, split: str | None) -> Iterator[Sample]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        pf = pq.ParquetFile(path)
     except Exception as exc:
         raise RiskvaError(f"{path}: cannot read Parquet ({exc})") from None
-    if "image" not in table.column_names:
+    if "image" not in pf.schema_arrow.names:
         raise RiskvaError(f"{path}: no 'image' column")
-    for i, row in enumerate(table.to_pylist()):
+    rows = (row for batch in pf.iter_batches() for row in batch.to_pylist())
+    for i, row in enumerate(rows):
         where = f"{path} row {i}"
         messages = row.get("messages")
         if isinstance(messages, str):
@@ -198,7 +211,7 @@ def _read_parquet(path: Path, split: str | None) -> Iterator[Sample]:
             image_path=str(row.get("image_path", "")),
             fields=_fields(row),
             messages=messages or [],
-            image_bytes=image_bytes_of(row["image"], where),
+            image_bytes=_image_bytes(row["image"], where),
             split=split,
             extra=extra or {},
         )
