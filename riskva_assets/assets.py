@@ -25,7 +25,7 @@ from pydantic import Field
 from riskva_core import registry as reg
 from riskva_core.errors import RiskvaError
 from riskva_core.recipes import DEMO_CPU_MODEL_SIZE
-from riskva_core.schema import CSV_COLUMNS, FIELD_LEVEL, FIELDS, LEVELS
+from riskva_core.schema import CSV_COLUMNS, FIELD_DESC, FIELD_LEVEL, FIELDS, LEVELS
 
 from . import lineage
 from .partitions import dataset_version
@@ -503,6 +503,9 @@ def evaluation_report(context: dg.AssetExecutionContext, paths: DataRootResource
                "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records))
     report = evaluate(records, out / "report", image_root=root.prepared_dir(version, "parquet"))
     heads = {k: v for k, v in headline(report).items() if v is not None}
+    desc_rouge = (report.get("text", {}).get(FIELD_DESC) or {}).get("rouge_l_char")
+    if desc_rouge is not None:  # the demo's third target: can the model say what it sees
+        heads["desc_rouge_l_char"] = desc_rouge
     registry.log_metrics(model_version, heads)
     registry.set_tags(model_version, {"eval.report": str(out / "report" / "report.html"), "eval.n": report["n"]})
     md = (out / "report" / "report.md").read_text(encoding="utf-8")

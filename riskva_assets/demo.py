@@ -1,6 +1,6 @@
 """`make demo`: synthesise a dataset, run the whole asset graph through Dagster, summarise.
 
-    python -m riskva_assets.demo [--version synthetic_v1] [--num_images 600] [--summary_only]
+    python -m riskva_assets.demo [--version synthetic_v1] [--num_images 1500] [--summary_only]
 
 1. $RISKVA_HOME/dagster_home gets the repository's dagster.yaml (the instance `make ui` shows);
 2. the synthetic dataset is written to $RISKVA_HOME/datasets/<version> (kept if present);
@@ -55,7 +55,7 @@ def summary(root: DataRoot, version: str) -> str:
     lines = [f"RisKVA demo — dataset version {version}", ""]
     if ev:
         lines.append("Evaluation on the test split (n={}):".format(ev.get("n")))
-        for key in ("parse_rate", "level_accuracy", "severe_recall", "under_grading_rate"):
+        for key in ("parse_rate", "level_accuracy", "desc_rouge_l_char", "severe_recall", "under_grading_rate"):
             if key in ev:
                 lines.append(f"  {key:<20} {float(ev[key]):.3f}")
     if reg:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m riskva_assets.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", default="synthetic_v1", help="dataset version / partition key (default synthetic_v1)")
-    p.add_argument("--num_images", type=int, default=600, help="synthetic images when the dataset is new (default 600)")
+    p.add_argument("--num_images", type=int, default=1500, help="synthetic images when the dataset is new (default 1500)")
     p.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (default 0)")
     p.add_argument("--summary_only", action="store_true", help="print the summary of the last run and exit")
     a = p.parse_args(argv)

@@ -18,7 +18,7 @@ crack      dark thin jagged polylines (plaster or concrete)
 mould      clusters of dark green / black speckles (plaster or concrete)
 leakage    yellow-brown blotch with darker tide-mark rings and drips (plaster or concrete)
 spalling   recessed broken concrete patch with rust-orange reinforcing bars
-peeling    jagged light/grey patches where the paint is gone, shadowed edges, curled flakes
+peeling    jagged patches of grey render where the paint is gone, shadowed edges, curled flakes
 tile       tile grid with cracked, hollow (tilted, dark gaps) and missing tiles
 =========  ===========================================================================
 
@@ -80,7 +80,7 @@ from .errors import RiskvaError
 from .schema import CSV_COLUMNS, FIELD_ADVICE, FIELD_DESC, FIELD_LEVEL, FIELD_RISK, LEVELS
 
 # Bump when a change alters any output byte for the same seed: it is part of every image's seed.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 DEFECT_TYPES: tuple[str, ...] = ("crack", "mould", "leakage", "spalling", "peeling", "tile")
 TYPE_WEIGHTS: tuple[float, ...] = (0.24, 0.16, 0.20, 0.12, 0.15, 0.13)
@@ -322,7 +322,9 @@ def _crack(rng: np.random.Generator, img: np.ndarray, level: int, s: int) -> dic
     (lo, hi), (l0, l1), (w0, w1) = _CRACK_BANDS[level]
     n = int(rng.integers(lo, hi + 1))
     total = rng.uniform(l0, l1) * w
-    width = max(1, int(round(rng.uniform(w0, w1) * s)))
+    # Rounding to whole pixels must not push the width out of its band: at a 256-px work size a
+    # 1.5-px hairline would round to 2 px, which the rule grades 中等.
+    width = max(1, min(int(round(rng.uniform(w0, w1) * s)), int(math.floor(w1 * s))))
     mask, draw = _canvas(h, w)
     drawn = 0.0
     shares = rng.dirichlet(np.full(n, 4.0)) * total
@@ -502,7 +504,9 @@ def _peeling(rng: np.random.Generator, img: np.ndarray, level: int, s: int) -> d
     hole = _as_mask(pm)
     area = float((hole > 0.5).mean())
     base_lum = float(img.mean())
-    sub = rng.uniform(168, 186) if base_lum > 205 else rng.uniform(238, 248)  # keep it visible
+    # Exposed grey render/putty: on light paint it must stand well clear of the paint (v1 used
+    # 168-186, which a 180-px view barely separates), or the patch area that sets the level is lost.
+    sub = rng.uniform(120, 145) if base_lum > 205 else rng.uniform(238, 248)
     substrate = (sub + 7 * _noise(rng, h, w, 0.02 * s) + 3 * _noise(rng, h, w, 2.0))[..., None] \
         * np.float32([1.0, 0.99, 0.96])
     _paint(img, _blur(hole, 0.5), substrate)

@@ -104,6 +104,24 @@ def apply_trainable(model, cfg: TrainConfig):
     return model
 
 
+def param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: matrices decay, biases/norms don't; the merger may run at its own --merger_lr.
+
+    ``lr_scale`` multiplies the scheduled learning rate, so warmup and decay shape every group
+    alike. A separate projector rate is the usual VLM knob (LLaVA's mm_projector_lr, ms-swift's
+    aligner_lr): the merger is trained from scratch while LoRA only nudges the language model.
+    """
+    merger_scale = (cfg.merger_lr / cfg.learning_rate) if cfg.merger_lr else 1.0
+    buckets: dict[tuple[bool, bool], list] = {}
+    for name, p in trainable_parameters(model).items():
+        buckets.setdefault((".visual.merger." in f".{name}", p.ndim >= 2), []).append(p)
+    groups = []
+    for (merger, decay), ps in sorted(buckets.items()):
+        groups.append({"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
+                       "lr_scale": merger_scale if merger else 1.0})
+    return groups
+
+
 def trainable_parameters(model) -> dict[str, Any]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -430,12 +448,10 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
     n_trainable, n_total = count_parameters(model)
     log(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.2f}%)")
     params = list(trainable_parameters(model).values())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr_at(0, total_steps, cfg), betas=(0.9, 0.999), eps=1e-8,
-    )
+    groups = param_groups(model, cfg)
+    for group in groups:
+        group["lr"] = lr_at(0, total_steps, cfg) * group["lr_scale"]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
     if use_ds:
         _fill_deepspeed_auto(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -477,7 +493,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
         for i, batch in enumerate(loader):
             if i % ga == 0:  # first micro-batch of an optimizer step: set that step's lr
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, cfg)
+                    group["lr"] = lr_at(step, total_steps, cfg) * group["lr_scale"]
             with accelerator.accumulate(model):
                 batch = _batch_to(batch, accelerator.device)
                 loss = model(**batch).loss

@@ -44,6 +44,7 @@ class TrainConfig:
     num_train_epochs: float = 3.0
     max_steps: int = -1
     learning_rate: float = 5e-6
+    merger_lr: float | None = None
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -89,6 +90,8 @@ class TrainConfig:
             raise RiskvaError("set --num_train_epochs > 0 or --max_steps > 0")
         if not self.learning_rate > 0:
             raise RiskvaError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.merger_lr is not None and not self.merger_lr > 0:
+            raise RiskvaError(f"--merger_lr must be positive, got {self.merger_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise RiskvaError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.lora_dropout < 1:
@@ -153,6 +156,8 @@ HELP = {
     "num_train_epochs": "passes over the training split (ignored when --max_steps > 0)",
     "max_steps": "optimizer steps to run; overrides --num_train_epochs when > 0",
     "learning_rate": "peak learning rate (AdamW)",
+    "merger_lr": "peak learning rate of the vision-language merger (default: --learning_rate); "
+                 "ms-swift's --aligner_lr",
     "lr_scheduler": "learning-rate decay after warmup: cosine (to 10%% of peak), linear (to 0) or constant",
     "warmup_ratio": "fraction of the steps spent warming the learning rate up linearly from 0",
     "weight_decay": "AdamW weight decay on matrices (biases and norms are never decayed)",
@@ -200,6 +205,8 @@ def build_parser(prog: str = "riskva train", description: str | None = None) -> 
                            help=f"{help_} (default {default}; bare flag = true)")
         else:
             kind = {int: int, float: float}.get(type(default), str)
+            if default is None and "float" in str(f.type):  # optional numbers, e.g. --merger_lr
+                kind = float
             p.add_argument(flag, type=kind, default=default, help=f"{help_} (default {default})")
     return p
 

@@ -17,7 +17,8 @@ import pytest
 
 from model_fixtures import make_prepared_dataset, make_tiny_model
 from riskva_core.errors import RiskvaError
-from riskva_core.train import DEBUG_HASH_ENV, PAUSE_ENV, apply_trainable, count_parameters, params_digest, train
+from riskva_core.train import (DEBUG_HASH_ENV, PAUSE_ENV, apply_trainable, count_parameters, param_groups,
+                               params_digest, train)
 from riskva_core.train_config import HELP, TrainConfig, build_parser, config_from_args
 
 pytestmark = pytest.mark.slow
@@ -114,7 +115,7 @@ def test_zero2_single_process_trains_saves_and_reloads(env, zero2_run):
 def test_zero2_two_ranks_stay_in_sync(env):
     root, data, model = env
     out = root / "zero2x2"
-    p = _run(_launch(2, _args(model, data, out, max_steps=3, save_steps=0)), **{DEBUG_HASH_ENV: 1})
+    p = _run(_launch(2, _args(model, data, out, max_steps=3, save_steps=0, merger_lr=1e-2)), **{DEBUG_HASH_ENV: 1})
     ranks = [json.loads((out / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["digest"] == ranks[1]["digest"]
@@ -235,6 +236,25 @@ def test_lora_targets_only_the_language_model_and_counts_parameters(env):
     assert any("visual.blocks" in n for n in names3)
 
 
+def test_merger_lr_puts_the_merger_in_its_own_scaled_groups(env):
+    from riskva_core.modeling import load_model
+
+    _, data, model_dir = env
+    common = dict(model_name_or_path=str(model_dir), dataset_path=data, output_dir=Path("unused"), lora_r=4,
+                  lora_alpha=8, tune_merger=True, train_lm_head=True, learning_rate=2e-3, weight_decay=0.1)
+    model = apply_trainable(load_model(model_dir), TrainConfig(**common, merger_lr=1e-2))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, TrainConfig(**common, merger_lr=1e-2))
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)  # each exactly once
+    for g in groups:
+        merger = {".visual.merger." in f".{names[id(p)]}" for p in g["params"]}
+        assert len(merger) == 1  # a group never mixes merger and other weights
+        assert g["lr_scale"] == (pytest.approx(5.0) if merger.pop() else 1.0)
+        assert g["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
+    assert {g["lr_scale"] for g in param_groups(model, TrainConfig(**common))} == {1.0}
+
+
 def test_flags_help_and_validation(env):
     _, data, model = env
     text = build_parser().format_help()
@@ -249,3 +269,6 @@ def test_flags_help_and_validation(env):
         config_from_args(base + ["--min_pixels", "5000", "--max_pixels", "4000"])
     with pytest.raises(RiskvaError, match="max_steps"):
         config_from_args(base + ["--num_train_epochs", "0"])
+    assert config_from_args(base + ["--merger_lr", "1e-2"]).merger_lr == 1e-2
+    with pytest.raises(RiskvaError, match="merger_lr"):
+        config_from_args(base + ["--merger_lr", "0"])
