@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import random
 from typing import Any, Sequence
 
 import torch
@@ -108,8 +109,11 @@ class SFTDataset(torch.utils.data.Dataset):
     """Samples that fit ``max_length``, encoded on access (in DataLoader workers)."""
 
     def __init__(self, samples: Sequence[Sample], processor, max_length: int,
-                 template: PromptTemplate | None = None, cache_images: bool = False):
+                 template: PromptTemplate | None = None, cache_images: bool = False,
+                 flip_seed: int | None = None):
         self.processor = processor
+        self.flip_seed = flip_seed  # None: images are used as they are
+        self.epoch = 0  # the training loop sets it before building each epoch's DataLoader
         self.tokens = ChatTokens.from_tokenizer(processor.tokenizer)
         self.template = template
         self.max_length = max_length
@@ -141,9 +145,26 @@ class SFTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def augment(self, image: Image.Image, idx: int) -> Image.Image:
+        """Horizontal and vertical flips, each with p=0.5: a new view of the photo every epoch.
+
+        A close-up of a wall has no up/down or left/right that changes the defect's type or
+        extent, so the label holds. The choice is a pure function of (seed, epoch, index), never
+        of a worker's RNG, so a resumed run replays exactly the same views.
+        """
+        if self.flip_seed is None:
+            return image
+        rng = random.Random(f"{self.flip_seed}:{self.epoch}:{idx}")  # str seeds hash with SHA-512: stable
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        return image
+
     def __getitem__(self, idx: int) -> dict[str, Any]:
         sample = self.samples[idx]
         image = self._images[idx] if self._images is not None else sample.load_image()
+        image = self.augment(image, idx)
         enc = self.processor(text=[self.text(sample)], images=[image], return_tensors="pt")
         input_ids = enc["input_ids"][0]
         labels = torch.tensor(assistant_labels(input_ids.tolist(), self.tokens), dtype=torch.long)

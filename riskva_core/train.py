@@ -417,7 +417,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
     processor = load_processor(cfg.model_name_or_path, cfg.min_pixels, cfg.max_pixels)
     template, template_dict = prompt_template(cfg)
     train_ds = SFTDataset(read_samples(cfg.dataset_path, "train"), processor, cfg.max_length, template,
-                          cache_images=cfg.cache_images)
+                          cache_images=cfg.cache_images, flip_seed=cfg.seed if cfg.augment_flip else None)
     if train_ds.dropped:
         log(f"dropped {len(train_ds.dropped)} training samples longer than --max_length {cfg.max_length} "
             f"(longest {max(n for _, n in train_ds.dropped)} tokens)")
@@ -483,6 +483,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
     while step < total_steps and not interrupted:
         epoch = step // steps_per_epoch
         order = epoch_order(len(train_ds), cfg.seed, epoch, per_step)
+        train_ds.epoch = epoch  # before the DataLoader exists: workers get a copy with it
         batches = rank_micro_batches(order, micro, world, rank)
         skip = (step - epoch * steps_per_epoch) * ga  # consumed micro-batches of this epoch
         # Its own generator: creating a DataLoader iterator draws a seed, and drawing it from the

@@ -63,6 +63,7 @@ class TrainConfig:
     max_pixels: int = 1280 * 28 * 28
     max_length: int = 2048
     cache_images: bool = False
+    augment_flip: bool = False
     dataloader_num_workers: int = 0
     logging_steps: int = 10
     eval_steps: int = 0
@@ -178,6 +179,8 @@ HELP = {
                   "output processor so evaluation and serving resize identically",
     "max_length": "samples with more tokens are dropped (counted in the log), never truncated",
     "cache_images": "decode every image into memory once before training",
+    "augment_flip": "flip training images horizontally and vertically (p=0.5 each, fixed per seed, epoch "
+                    "and sample); labels must not depend on orientation",
     "dataloader_num_workers": "DataLoader worker processes for decoding + tokenising",
     "logging_steps": "log loss/lr/throughput every N optimizer steps",
     "eval_steps": "compute validation loss every N steps (0: only at the end, if a val split exists)",

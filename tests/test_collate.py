@@ -96,3 +96,32 @@ def test_batch_padding_and_parquet_gives_the_same_first_batch(env):
     assert (a["labels"][short, int(n[short]):] == IGNORE_INDEX).all()
     assert (a["input_ids"][short, int(n[short]):] == processor.tokenizer.pad_token_id).all()
     assert a["pixel_values"].shape[0] == int(a["image_grid_thw"].prod(1).sum())
+
+
+def test_flip_augmentation_is_a_fixed_function_of_seed_epoch_and_index(env):
+    from PIL import Image
+
+    _, data, processor = env
+    samples = read_samples(data, "train")
+    plain = SFTDataset(samples, processor, max_length=4096)
+    aug = SFTDataset(samples, processor, max_length=4096, flip_seed=7)
+    again = SFTDataset(samples, processor, max_length=4096, flip_seed=7)
+    image = samples[0].load_image()
+    flips = {Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM}
+    allowed = {image.tobytes(), image.transpose(Image.Transpose.ROTATE_180).tobytes()}
+    allowed |= {image.transpose(f).tobytes() for f in flips}
+    views = {}
+    for epoch in range(8):
+        aug.epoch = again.epoch = epoch
+        out = aug.augment(image, 0)
+        assert out.tobytes() == again.augment(image, 0).tobytes()  # replayable, e.g. after resume
+        assert out.size == image.size  # token counts, hence sample_length, are unchanged
+        assert out.tobytes() in allowed
+        views[epoch] = out.tobytes()
+    assert len(set(views.values())) >= 3  # epochs see different views
+    assert plain.augment(image, 0) is image  # off by default
+    # The batch item carries the flipped pixels and the very same tokens and labels.
+    aug.epoch = next(e for e, view in views.items() if view != image.tobytes())
+    a, p = aug[0], plain[0]
+    assert torch.equal(a["input_ids"], p["input_ids"]) and torch.equal(a["labels"], p["labels"])
+    assert not torch.equal(a["pixel_values"], p["pixel_values"])
