@@ -93,6 +93,8 @@ class TrainConfig:
             raise RiskvaError(f"--learning_rate must be positive, got {self.learning_rate}")
         if self.merger_lr is not None and not self.merger_lr > 0:
             raise RiskvaError(f"--merger_lr must be positive, got {self.merger_lr}")
+        if self.merger_lr is not None and not self.tune_merger:
+            raise RiskvaError("--merger_lr needs --tune_merger: the merger is frozen otherwise")
         if not 0 <= self.warmup_ratio < 1:
             raise RiskvaError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.lora_dropout < 1:

@@ -253,6 +253,7 @@ def test_merger_lr_puts_the_merger_in_its_own_scaled_groups(env):
         assert len(merger) == 1  # a group never mixes merger and other weights
         assert g["lr_scale"] == (pytest.approx(5.0) if merger.pop() else 1.0)
         assert g["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
+    assert {round(g["lr_scale"], 6) for g in groups} == {1.0, 5.0}  # both kinds exist
     assert {g["lr_scale"] for g in param_groups(model, TrainConfig(**common))} == {1.0}
 
 
@@ -270,6 +271,8 @@ def test_flags_help_and_validation(env):
         config_from_args(base + ["--min_pixels", "5000", "--max_pixels", "4000"])
     with pytest.raises(RiskvaError, match="max_steps"):
         config_from_args(base + ["--num_train_epochs", "0"])
-    assert config_from_args(base + ["--merger_lr", "1e-2"]).merger_lr == 1e-2
+    assert config_from_args(base + ["--merger_lr", "1e-2", "--tune_merger"]).merger_lr == 1e-2
     with pytest.raises(RiskvaError, match="merger_lr"):
         config_from_args(base + ["--merger_lr", "0"])
+    with pytest.raises(RiskvaError, match="--merger_lr needs --tune_merger"):
+        config_from_args(base + ["--merger_lr", "1e-2", "--tune_merger", "False"])
