@@ -9,7 +9,8 @@
 so that every later step (validate, prepare, train, evaluate) can run with no private data.
 
 Photos are rendered with numpy + Pillow: a wall surface (painted plaster, bare concrete or a
-tile grid) with texture, lighting gradient, colour cast and sensor noise, plus one defect.
+tile grid) with texture, lighting gradient, colour cast and sensor noise, plus one defect
+(drawn by ``synth_draw``; this module plans each image, labels it and writes the dataset).
 The defect types are deliberately distinct in colour and shape, so that a model has to look
 at the picture to tell them apart:
 
@@ -42,7 +43,8 @@ leakage      area_fraction       0.11        0.30        0.04–0.08 / 0.15–0.
 spalling     area_fraction       0.06        0.18        0.02–0.04 / 0.09–0.14 / 0.23–0.32
 spalling     rebar_count         2           4           1 / 2–3 / 4–6 bars
 peeling      area_fraction       0.055       0.19        0.015–0.035 / 0.08–0.14 / 0.25–0.38
-tile         broken_tiles        2           6           1 / 3–4 / 7–10 (≥ 2 of them missing)
+tile         broken_tiles        2           6           1 / 3–4 (≥ 2 hollow, none missing)
+                                                         / 7–10 (3–4 missing)
 ===========  ==================  ==========  ==========  ====================================
 
 Levels are drawn ~45 / 35 / 20 % (轻微 / 中等 / 严重) and types with unequal frequencies
@@ -63,24 +65,22 @@ import argparse
 import csv
 import dataclasses
 import io
-import math
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
-
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFilter
+from PIL import Image, ImageChops
 from tqdm import tqdm
 
 from . import synth_text
 from .atomic import atomic_dir, write_bytes, write_json, write_text
 from .errors import RiskvaError
 from .schema import CSV_COLUMNS, FIELD_ADVICE, FIELD_DESC, FIELD_LEVEL, FIELD_RISK, LEVELS
+from .synth_draw import camera, draw_defect, draw_surface, grain
 
 # Bump when a change alters any output byte for the same seed: it is part of every image's seed.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 DEFECT_TYPES: tuple[str, ...] = ("crack", "mould", "leakage", "spalling", "peeling", "tile")
 TYPE_WEIGHTS: tuple[float, ...] = (0.24, 0.16, 0.20, 0.12, 0.15, 0.13)
@@ -96,21 +96,6 @@ SEVERITY_RULE: dict[str, dict[str, tuple[float, float]]] = {
     "tile": {"broken_tiles": (2, 6)},
 }
 
-# Sampling bands per type and level index, well inside the rule's bands.
-_AREA_BANDS: dict[str, tuple[tuple[float, float], ...]] = {
-    "mould": ((0.015, 0.04), (0.09, 0.15), (0.27, 0.40)),
-    "leakage": ((0.04, 0.08), (0.15, 0.23), (0.40, 0.55)),
-    "spalling": ((0.02, 0.04), (0.09, 0.14), (0.23, 0.32)),
-    "peeling": ((0.015, 0.035), (0.08, 0.14), (0.25, 0.38)),
-}
-_CRACK_BANDS = (  # (count range, total length_ratio, width_ratio)
-    ((1, 1), (0.22, 0.38), (0.0045, 0.006)),
-    ((2, 3), (0.8, 1.2), (0.010, 0.013)),
-    ((3, 5), (1.9, 2.6), (0.021, 0.030)),
-)
-_REBAR_COUNTS = ((1, 1), (2, 3), (4, 6))
-_BROKEN_TILES = ((1, 1), (3, 4), (7, 10))
-
 _SURFACES: dict[str, tuple[tuple[str, float], ...]] = {
     "crack": (("plaster", 0.6), ("concrete", 0.4)),
     "mould": (("plaster", 0.8), ("concrete", 0.2)),
@@ -119,14 +104,6 @@ _SURFACES: dict[str, tuple[tuple[str, float], ...]] = {
     "peeling": (("plaster", 1.0),),
     "tile": (("tile", 1.0),),
 }
-_PAINTS = (  # painted plaster, RGB
-    (236, 234, 226), (240, 232, 214), (222, 222, 218), (222, 230, 238),
-    (236, 224, 206), (218, 230, 216), (240, 226, 196), (214, 224, 232),
-)
-_TILES = (
-    (238, 238, 234), (236, 229, 212), (206, 208, 210), (198, 214, 226),
-    (222, 206, 182), (178, 182, 186), (214, 226, 220),
-)
 _MAX_WORK_SIDE = 768  # larger outputs are rendered at this size and upscaled
 _MIN_WORK_SIDE = 256   # keeps 1-px cracks meaningful: measurements are taken at work size
 _MAX_ASPECT = 4.0
@@ -143,432 +120,6 @@ def severity_level(defect_type: str, measurements: dict[str, float]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Small vectorised building blocks. Images are float32 H×W×3 arrays in 0..255, masks H×W in 0..1.
-
-
-def _noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
-    """Smooth zero-mean, unit-variance noise whose blobs are about ``cell`` pixels wide."""
-    gh = max(3, int(math.ceil(h / max(cell, 1.0))) + 2)
-    gw = max(3, int(math.ceil(w / max(cell, 1.0))) + 2)
-    grid = rng.standard_normal((gh, gw), dtype=np.float32)
-    out = np.asarray(Image.fromarray(grid).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
-    return (out - out.mean()) / (out.std() + 1e-6)
-
-
-def _blur(mask: np.ndarray, radius: float) -> np.ndarray:
-    img = Image.fromarray(np.clip(mask * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    return np.asarray(img.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32) / 255.0
-
-
-def _canvas(h: int, w: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    img = Image.new("L", (w, h), 0)
-    return img, ImageDraw.Draw(img)
-
-
-def _as_mask(img: Image.Image) -> np.ndarray:
-    return np.asarray(img, dtype=np.float32) / 255.0
-
-
-def _paint(img: np.ndarray, mask: np.ndarray, color: Any, alpha: float = 1.0) -> None:
-    """Alpha-blend ``color`` (RGB tuple or H×W×3 array) into ``img`` where ``mask`` is set."""
-    a = (mask * alpha)[..., None]
-    img *= 1.0 - a
-    img += a * np.asarray(color, dtype=np.float32)
-
-
-def _shade(img: np.ndarray, mask: np.ndarray, factor: float) -> None:
-    """Multiply brightness by ``factor`` where ``mask`` is set (shadows < 1 < highlights)."""
-    img *= (1.0 + (factor - 1.0) * mask)[..., None]
-
-
-def _threshold_top(score: np.ndarray, fraction: float) -> np.ndarray:
-    """Boolean mask of the ``fraction`` highest-scoring pixels (exact area control)."""
-    flat = score.ravel()
-    k = int(round((1.0 - fraction) * (flat.size - 1)))
-    cut = np.partition(flat, k)[k]
-    return score > cut
-
-
-def _blob(rng: np.random.Generator, cx: float, cy: float, r: float, jag: float,
-          stretch: float = 1.0, n: int = 48) -> list[tuple[float, float]]:
-    """An irregular closed polygon: a circle with random low- and high-frequency wobble."""
-    t = np.linspace(0.0, 2.0 * math.pi, n, endpoint=False)
-    rad = np.ones_like(t)
-    for k in range(2, 6):
-        rad += rng.uniform(0.0, 0.12) * np.cos(k * t + rng.uniform(0, 2 * math.pi))
-    rad += jag * rng.uniform(-1.0, 1.0, size=n)
-    rad = np.clip(rad, 0.45, 1.6) * r
-    return list(zip((cx + rad * np.cos(t) * stretch).tolist(), (cy + rad * np.sin(t) / stretch).tolist()))
-
-
-def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.mgrid[0:h, 0:w].astype(np.float32)
-
-
-def _shifted(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """``mask`` moved by (dy, dx) with zeros shifted in (no wrap-around)."""
-    out = np.zeros_like(mask)
-    h, w = mask.shape
-    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        mask[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Surfaces.
-
-
-def _plaster(rng: np.random.Generator, h: int, w: int, s: int) -> np.ndarray:
-    color = np.asarray(_PAINTS[rng.integers(len(_PAINTS))], np.float32) + rng.normal(0, 4, 3)
-    lum = (1.0 + 0.014 * _noise(rng, h, w, s * 0.35) + 0.008 * _noise(rng, h, w, s * 0.04)
-           + 0.012 * _noise(rng, h, w, 2.5))  # uneven drying, roller marks, orange-peel
-    img = color[None, None, :] * lum[..., None]
-    if rng.random() < 0.35:  # a wall corner or ceiling junction casts a soft shadow band
-        yy, xx = _grid(h, w)
-        edge = (xx / w, 1.0 - xx / w, yy / h)[rng.integers(3)]
-        img *= (1.0 - 0.16 * np.exp(-edge / rng.uniform(0.03, 0.08)))[..., None]
-    return img
-
-
-def _concrete(rng: np.random.Generator, h: int, w: int, s: int) -> np.ndarray:
-    grey = rng.uniform(132, 172)
-    tint = np.asarray([1.0 + rng.uniform(-0.02, 0.04), 1.0, 1.0 + rng.uniform(-0.04, 0.02)], np.float32)
-    lum = (grey + 9 * _noise(rng, h, w, s * 0.4) + 6 * _noise(rng, h, w, s * 0.06)
-           + 5 * _noise(rng, h, w, 2.0))
-    img = lum[..., None] * tint[None, None, :]
-    pores, draw = _canvas(h, w)
-    for _ in range(int(rng.integers(25, 90) * (h * w) / (384 * 512))):  # air voids (bugholes)
-        x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.002, 0.006) * s
-        draw.ellipse((x - r, y - r * 0.8, x + r, y + r * 0.8), fill=255)
-    if rng.random() < 0.6:  # formwork panel seams
-        for _ in range(int(rng.integers(1, 3))):
-            if rng.random() < 0.5:
-                y = rng.uniform(0.1, 0.9) * h
-                draw.line((0, y, w, y + rng.normal(0, 2)), fill=110, width=max(1, int(0.004 * s)))
-            else:
-                x = rng.uniform(0.1, 0.9) * w
-                draw.line((x, 0, x + rng.normal(0, 2), h), fill=110, width=max(1, int(0.004 * s)))
-    if rng.random() < 0.5:  # form-tie holes on a regular grid
-        step = rng.uniform(0.3, 0.45) * s
-        r = 0.012 * s
-        ox, oy = rng.uniform(0, step), rng.uniform(0, step)
-        for gy in np.arange(oy, h, step):
-            for gx in np.arange(ox, w, step * 1.3):
-                draw.ellipse((gx - r, gy - r, gx + r, gy + r), fill=200)
-    _shade(img, _blur(_as_mask(pores), 0.6), 0.55)
-    return img
-
-
-def _tile_wall(rng: np.random.Generator, h: int, w: int, s: int) -> tuple[np.ndarray, dict]:
-    py = rng.uniform(0.15, 0.2) * s
-    px = py * (1.0 if rng.random() < 0.6 else 1.5)
-    ox, oy = rng.uniform(0, px), rng.uniform(0, py)
-    gap = max(2.0, rng.uniform(0.009, 0.014) * s)
-    yy, xx = _grid(h, w)
-    iy, ix = np.floor((yy - oy) / py), np.floor((xx - ox) / px)
-    v, u = (yy - oy) / py - iy, (xx - ox) / px - ix
-    ny, nx = int(h / py) + 3, int(w / px) + 3
-    jitter = rng.normal(0, 3.5, size=(ny, nx)).astype(np.float32)
-    jy, jx = (iy + 1).astype(np.int64).clip(0, ny - 1), (ix + 1).astype(np.int64).clip(0, nx - 1)
-    color = np.asarray(_TILES[rng.integers(len(_TILES))], np.float32)
-    gloss = 1.0 + 0.05 * (0.5 - u) + 0.04 * (0.5 - v)  # each glazed tile catches light a little
-    img = (color[None, None, :] + jitter[jy, jx][..., None]) * gloss[..., None]
-    img += 2.0 * _noise(rng, h, w, 2.0)[..., None]
-    # Grout must read against the glaze, or the grid (and a missing tile) disappears.
-    options = [g for g in (205.0, 185.0, 150.0, 110.0) if abs(g - float(color.mean())) >= 30]
-    grout_color = np.float32(options[int(rng.integers(len(options)))])
-    grout = ((u * px < gap / 2) | (u * px > px - gap / 2) | (v * py < gap / 2) | (v * py > py - gap / 2))
-    grout_mask = _blur(grout.astype(np.float32), 0.6)
-    _paint(img, grout_mask, (grout_color, grout_color * 0.99, grout_color * 0.97))
-    # A window's soft reflection on the glaze.
-    cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.15, 0.6) * h
-    spec = np.exp(-(((xx - cx) / (0.35 * w)) ** 2 + ((yy - cy) / (0.25 * h)) ** 2))
-    img += (18.0 * spec)[..., None]
-    layout = {"px": px, "py": py, "ox": ox, "oy": oy, "gap": gap, "grout": float(grout_color)}
-    return img, layout
-
-
-# ---------------------------------------------------------------------------------------------
-# Defects. Each draws into ``img`` in place and returns its measurements.
-
-
-def _walk(rng: np.random.Generator, x: float, y: float, angle: float, length: float,
-          h: int, w: int, step: float) -> tuple[list[tuple[float, float]], float]:
-    """A jagged polyline of about ``length`` pixels that stays inside the image."""
-    pts = [(x, y)]
-    done = 0.0
-    margin = 2.0
-    for _ in range(int(4 * length / max(step * 0.5, 1.0)) + 8):  # bounded even if it keeps bouncing
-        if done >= length - 0.5:
-            break
-        angle += rng.normal(0, 0.12)
-        a = angle + rng.normal(0, 0.5)
-        seg = min(step * rng.uniform(0.5, 1.5), length - done)
-        dx, dy = seg * math.cos(a), seg * math.sin(a)
-        if not margin <= x + dx <= w - margin:  # bounce off the frame: the crack turns back inside
-            dx, angle = -dx, math.pi - angle
-        if not margin <= y + dy <= h - margin:
-            dy, angle = -dy, -angle
-        nx = min(max(x + dx, margin), w - margin)
-        ny = min(max(y + dy, margin), h - margin)
-        done += math.hypot(nx - x, ny - y)
-        x, y = nx, ny
-        pts.append((x, y))
-    return pts, done
-
-
-def _crack(rng: np.random.Generator, img: np.ndarray, level: int, s: int) -> dict:
-    h, w = img.shape[:2]
-    (lo, hi), (l0, l1), (w0, w1) = _CRACK_BANDS[level]
-    n = int(rng.integers(lo, hi + 1))
-    total = rng.uniform(l0, l1) * w
-    # Rounding to whole pixels must not push the width out of its band: at a 256-px work size a
-    # 1.5-px hairline would round to 2 px, which the rule grades 中等.
-    width = max(1, min(int(round(rng.uniform(w0, w1) * s)), int(math.floor(w1 * s))))
-    mask, draw = _canvas(h, w)
-    drawn = 0.0
-    shares = rng.dirichlet(np.full(n, 4.0)) * total
-    for i in range(n):
-        main = shares[i] * (0.75 if level == 2 else 1.0)  # severe cracks spend a quarter on branches
-        x, y = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
-        pts, got = _walk(rng, x, y, rng.uniform(0, 2 * math.pi), main, h, w, 0.03 * s)
-        draw.line(pts, fill=255, width=width, joint="curve")
-        drawn += got
-        if level == 2:
-            left = shares[i] - main
-            for _ in range(2):
-                bx, by = pts[int(rng.integers(1, len(pts)))]
-                bpts, got = _walk(rng, bx, by, rng.uniform(0, 2 * math.pi), left / 2, h, w, 0.025 * s)
-                draw.line(bpts, fill=255, width=max(1, width // 2), joint="curve")
-                drawn += got
-    m = _as_mask(mask)
-    _shade(img, _blur(m, 1.5 + width), 0.86)  # broken, soiled edges darken the crack's surroundings
-    dark = rng.uniform(28, 50)
-    _paint(img, _blur(m, 0.5), (dark, dark * 0.95, dark * 0.9), 0.92)
-    return {"crack_count": n, "length_ratio": round(drawn / w, 4), "width_ratio": round(width / s, 4),
-            "width_px": width}
-
-
-def _clusters(rng: np.random.Generator, h: int, w: int, n: int, radius: float,
-              stretch_y: float = 1.0, anchor_top: bool = False) -> np.ndarray:
-    """Max of ``n`` Gaussian blobs with irregular outlines: a density map in 0..1."""
-    yy, xx = _grid(h, w)
-    dens = np.zeros((h, w), np.float32)
-    for _ in range(n):
-        cx = rng.uniform(0.1, 0.9) * w
-        cy = rng.uniform(0.0, 0.2) * h if anchor_top else rng.uniform(0.12, 0.88) * h
-        r = radius * rng.uniform(0.7, 1.3)
-        d = np.exp(-(((xx - cx) / r) ** 2 + ((yy - cy) / (r * stretch_y)) ** 2))
-        np.maximum(dens, d, out=dens)
-    return dens
-
-
-def _mould(rng: np.random.Generator, img: np.ndarray, level: int, s: int) -> dict:
-    h, w = img.shape[:2]
-    target = rng.uniform(*_AREA_BANDS["mould"][level])
-    n = (1, int(rng.integers(2, 5)), int(rng.integers(3, 7)))[level]
-    radius = math.sqrt(target * h * w / (n * math.pi)) * 1.2
-    dens = _clusters(rng, h, w, n, radius)
-    dens *= 0.75 + 0.25 * np.tanh(_noise(rng, h, w, s * 0.08))
-    speck = 0.5 + 0.5 * np.tanh(1.5 * _noise(rng, h, w, max(1.5, 0.006 * s)))
-    mask = _threshold_top(dens * (0.3 + 0.7 * speck), target)
-    area = float(mask.mean())
-    halo = np.clip(dens * 1.4, 0, 1)
-    _paint(img, halo, (150, 160, 130), 0.22)  # a grey-green bloom around each colony
-    mix = (0.5 + 0.5 * np.tanh(_noise(rng, h, w, 0.02 * s)))[..., None]
-    color = mix * np.float32([22, 30, 22]) + (1 - mix) * np.float32([52, 78, 44])
-    _paint(img, _blur(mask.astype(np.float32), 0.5), color, 0.93)
-    return {"area_fraction": round(area, 4), "clusters": n}
-
-
-def _leakage(rng: np.random.Generator, img: np.ndarray, level: int, s: int) -> dict:
-    h, w = img.shape[:2]
-    target = rng.uniform(*_AREA_BANDS["leakage"][level])
-    n = (1, int(rng.integers(1, 3)), int(rng.integers(2, 4)))[level]
-    radius = math.sqrt(target * h * w / (n * math.pi * 1.4)) * 1.25
-    dens = _clusters(rng, h, w, n, radius, stretch_y=1.4, anchor_top=rng.random() < 0.6)
-    dens += 0.22 * _noise(rng, h, w, s * 0.12) * dens
-    inside = _threshold_top(dens, target)
-    area = float(inside.mean())
-    cut = float(dens[inside].min()) if inside.any() else 1.0
-    soft = _blur(inside.astype(np.float32), 0.004 * s + 0.5)
-    tone = (0.5 + 0.5 * np.tanh(_noise(rng, h, w, 0.05 * s)))[..., None]
-    stain = tone * np.float32([196, 160, 96]) + (1 - tone) * np.float32([176, 136, 78])
-    _paint(img, soft, stain, 0.42)
-    # Tide marks: dried edges of successive wettings, at the outline and at inner contours.
-    ring_w = 0.006 * s + 1.0
-    for level_cut, strength in ((cut, 0.75), (cut + (1 - cut) * 0.35, 0.5), (cut + (1 - cut) * 0.65, 0.4)):
-        b = _blur((dens > level_cut).astype(np.float32), ring_w)
-        _paint(img, np.clip(4.0 * b * (1.0 - b), 0, 1), (112, 78, 40), strength)
-    drips = (0, int(rng.integers(2, 5)), int(rng.integers(5, 10)))[level]
-    if drips:
-        dm, draw = _canvas(h, w)
-        cols = np.flatnonzero(inside.any(axis=0))
-        for _ in range(drips):
-            x = float(cols[int(rng.integers(len(cols)))])
-            y = float(np.flatnonzero(inside[:, int(x)]).max())
-            length = rng.uniform(0.12, 0.35) * h
-            pts = [(x, y)]
-            for k in range(1, 9):
-                pts.append((x + rng.normal(0, 0.004 * s), y + length * k / 8))
-            width = max(2, int(rng.uniform(0.008, 0.014) * s))
-            for k in range(8):  # fades as the runnel dries towards its end
-                draw.line(pts[k:k + 2], fill=int(230 - 20 * k), width=width)
-        _paint(img, _blur(_as_mask(dm), 0.8), (130, 96, 52), 0.7)
-    return {"area_fraction": round(area, 4), "drips": drips}
-
-
-def _spalling(rng: np.random.Generator, img: np.ndarray, level: int, s: int) -> dict:
-    h, w = img.shape[:2]
-    target = rng.uniform(*_AREA_BANDS["spalling"][level])
-    bars = int(rng.integers(_REBAR_COUNTS[level][0], _REBAR_COUNTS[level][1] + 1))
-    stretch = rng.uniform(1.1, 1.4)
-    r = math.sqrt(target * h * w / math.pi)
-    half_w, half_h = min(r * stretch * 1.15, 0.47 * w), min(r / stretch * 1.15, 0.47 * h)
-    cx, cy = rng.uniform(half_w, w - half_w), rng.uniform(half_h, h - half_h)
-    pm, draw = _canvas(h, w)
-    draw.polygon(_blob(rng, cx, cy, r, 0.06, stretch, 64), fill=255)
-    patch = _as_mask(pm)
-    area = float((patch > 0.5).mean())
-    # Recessed rough core: coarse aggregate in a darker, dustier matrix.
-    agg = 0.5 + 0.5 * np.tanh(1.2 * _noise(rng, h, w, 0.012 * s))
-    core = (98 + 38 * agg + 10 * _noise(rng, h, w, 2.0))[..., None] * np.float32([1.02, 1.0, 0.96])
-    _paint(img, _blur(patch, 0.6), core)
-    k = max(2, int(0.012 * s))
-    _shade(img, _blur(np.clip(patch - _shifted(patch, k, k), 0, 1), 1.0), 0.45)  # broken lip's shadow
-    _shade(img, _blur(np.clip(_shifted(patch, k, k) - patch, 0, 1), 1.0), 1.18)  # lit fracture face
-    # Reinforcing bars: horizontal mains, and stirrups crossing them for the worst cases.
-    bw = max(3, int(rng.uniform(0.02, 0.028) * s))
-    rows = np.flatnonzero(patch.max(axis=1) > 0.5)
-    n_vertical = 0 if bars < 4 else int(rng.integers(1, 3))
-    n_horizontal = bars - n_vertical
-    bar_mask, bdraw = _canvas(h, w)
-    core_mask, cdraw = _canvas(h, w)
-    exposed = 0.0
-    y0, y1 = rows.min(), rows.max()
-    for i in range(n_horizontal):
-        y = int(np.clip(y0 + (y1 - y0) * (i + 1) / (n_horizontal + 1) + rng.normal(0, 0.01 * s), y0, y1))
-        cols = np.flatnonzero(patch[y] > 0.5)
-        xa, xb = float(cols.min()) - bw, float(cols.max()) + bw
-        exposed += xb - xa - 2 * bw
-        bdraw.line((xa, y, xb, y), fill=255, width=bw)
-        cdraw.line((xa, y - bw * 0.15, xb, y - bw * 0.15), fill=255, width=max(1, bw // 3))
-    cols_all = np.flatnonzero(patch.max(axis=0) > 0.5)
-    x0, x1 = cols_all.min(), cols_all.max()
-    for i in range(n_vertical):
-        x = int(x0 + (x1 - x0) * (i + 1) / (n_vertical + 1))
-        rws = np.flatnonzero(patch[:, x] > 0.5)
-        ya, yb = float(rws.min()) - bw, float(rws.max()) + bw
-        exposed += yb - ya - 2 * bw
-        bdraw.line((x, ya, x, yb), fill=255, width=max(2, int(bw * 0.8)))
-        cdraw.line((x - bw * 0.15, ya, x - bw * 0.15, yb), fill=255, width=max(1, bw // 3))
-    inner = patch > 0.5
-    bmask = _as_mask(bar_mask) * inner
-    rust_halo = _blur(bmask, bw * 0.8) * inner
-    _paint(img, rust_halo, (150, 82, 40), 0.45)
-    _shade(img, _shifted(bmask, bw // 2, bw // 2) * (1 - bmask) * inner, 0.55)  # bar's own shadow
-    ribs = 0.85 + 0.15 * np.sign(np.sin(_grid(h, w)[1] * (2 * math.pi / max(3.0, bw * 0.9))))
-    rust = np.float32([168, 84, 34]) * ribs[..., None] * (1 + 0.12 * _noise(rng, h, w, 3.0))[..., None]
-    _paint(img, _blur(bmask, 0.5), rust)
-    _paint(img, _as_mask(core_mask) * inner, (214, 124, 58), 0.7)  # lit top of the round bar
-    if level >= 1:  # rust washed down the face below the patch
-        sm, sdraw = _canvas(h, w)
-        bottom = np.flatnonzero(inner.any(axis=0))
-        for _ in range(int(rng.integers(2, 4 + 3 * level))):
-            x = float(bottom[int(rng.integers(len(bottom)))])
-            y = float(np.flatnonzero(inner[:, int(x)]).max())
-            sdraw.line((x, y, x + rng.normal(0, 2), y + rng.uniform(0.08, 0.25) * h), fill=200,
-                       width=max(2, int(0.012 * s)))
-        _paint(img, _blur(_as_mask(sm), 0.006 * s), (150, 80, 38), 0.6)
-    return {"area_fraction": round(area, 4), "rebar_count": bars,
-            "exposed_length_ratio": round(exposed / w, 4)}
-
-
-def _peeling(rng: np.random.Generator, img: np.ndarray, level: int, s: int) -> dict:
-    h, w = img.shape[:2]
-    target = rng.uniform(*_AREA_BANDS["peeling"][level])
-    n = (int(rng.integers(1, 3)), int(rng.integers(3, 6)), int(rng.integers(5, 9)))[level]
-    sizes = rng.dirichlet(np.full(n, 3.0)) * target * h * w * 1.1
-    pm, draw = _canvas(h, w)
-    flakes = []
-    for a in sizes:
-        r = math.sqrt(a / math.pi)
-        stretch = rng.uniform(0.8, 1.4)
-        cx = rng.uniform(r * stretch, w - r * stretch)
-        cy = rng.uniform(r / stretch, h - r / stretch)
-        draw.polygon(_blob(rng, cx, cy, r, 0.18, stretch, 40), fill=255)
-        for _ in range(int(rng.integers(1, 4))):  # curled flakes lifting at the rim
-            t = rng.uniform(0, 2 * math.pi)
-            flakes.append((cx + r * stretch * math.cos(t), cy + r / stretch * math.sin(t),
-                           r * rng.uniform(0.15, 0.3)))
-    hole = _as_mask(pm)
-    area = float((hole > 0.5).mean())
-    base_lum = float(img.mean())
-    # Exposed grey render/putty: on light paint it must stand well clear of the paint (v1 used
-    # 168-186, which a 180-px view barely separates), or the patch area that sets the level is lost.
-    sub = rng.uniform(120, 145) if base_lum > 205 else rng.uniform(238, 248)
-    substrate = (sub + 7 * _noise(rng, h, w, 0.02 * s) + 3 * _noise(rng, h, w, 2.0))[..., None] \
-        * np.float32([1.0, 0.99, 0.96])
-    _paint(img, _blur(hole, 0.5), substrate)
-    k = max(2, int(0.008 * s))
-    _shade(img, _blur(np.clip(hole - _shifted(hole, k, k), 0, 1), 0.8), 0.6)     # paint lip shadow
-    _shade(img, _blur(np.clip(_shifted(hole, -k, -k) - hole, 0, 1), 0.8), 1.08)  # lifted lip catches light
-    fm, fdraw = _canvas(h, w)
-    for fx, fy, fr in flakes:
-        fdraw.polygon(_blob(rng, fx, fy, fr, 0.3, rng.uniform(0.6, 1.6), 12), fill=255)
-    flake = _as_mask(fm)
-    _shade(img, _blur(_shifted(flake, k, k), 1.2), 0.62)
-    paint_color = np.median(img.reshape(-1, 3), axis=0) * 1.05
-    _paint(img, flake, np.minimum(paint_color, 255))
-    return {"area_fraction": round(area, 4), "patches": n}
-
-
-def _tile_defects(rng: np.random.Generator, img: np.ndarray, level: int, s: int, layout: dict) -> dict:
-    h, w = img.shape[:2]
-    px, py, ox, oy, gap = (layout[k] for k in ("px", "py", "ox", "oy", "gap"))
-    cells = [(i, j) for j in range(-1, int(h / py) + 2) for i in range(-1, int(w / px) + 2)
-             if ox + i * px >= 0 and ox + (i + 1) * px <= w and oy + j * py >= 0 and oy + (j + 1) * py <= h]
-    lo, hi = _BROKEN_TILES[level]
-    n = min(int(rng.integers(lo, hi + 1)), len(cells))
-    chosen = [cells[k] for k in rng.permutation(len(cells))[:n]]
-    missing_n = (0, int(rng.integers(0, 2)), int(rng.integers(2, 4)))[level]
-    kinds = ["missing"] * min(missing_n, n)
-    kinds += [("cracked", "hollow")[int(rng.random() < 0.4)] for _ in range(n - len(kinds))]
-    if level == 0:
-        kinds = ["cracked"]
-    yy, xx = _grid(h, w)
-    crack_m, cdraw = _canvas(h, w)
-    for (i, j), kind in zip(chosen, kinds):
-        x0, y0 = ox + i * px + gap / 2, oy + j * py + gap / 2
-        x1, y1 = ox + (i + 1) * px - gap / 2, oy + (j + 1) * py - gap / 2
-        box = ((xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)).astype(np.float32)
-        if kind == "missing":  # bare adhesive bed with notched-trowel ridges
-            ridges = 0.5 + 0.5 * np.sin((xx + yy) * (2 * math.pi / max(4.0, 0.025 * s)))
-            bed = (118 + 22 * ridges + 8 * _noise(rng, h, w, 2.0))[..., None] * np.float32([1.03, 1.0, 0.94])
-            _paint(img, box, bed)
-            k = max(2, int(0.01 * s))
-            _shade(img, box * (1 - _shifted(box, k, k)), 0.5)  # neighbour tiles' edges cast shadow
-        else:
-            if kind == "hollow":  # tilted tile: a shading ramp and opened dark joints
-                ramp = ((xx - x0) / (x1 - x0) if rng.random() < 0.5 else (yy - y0) / (y1 - y0))
-                img *= (1.0 + box * (0.1 - 0.28 * ramp))[..., None]
-                jw = max(2, int(0.008 * s))
-                cdraw.rectangle((x0 - jw / 2, y0 - jw / 2, x1 + jw / 2, y1 + jw / 2), outline=200, width=jw)
-            for _ in range(2 if level == 0 else 1 + int(rng.random() < 0.5)):  # a lone defect must show
-                side = int(rng.integers(2))
-                a = (x0, rng.uniform(y0, y1)) if side == 0 else (rng.uniform(x0, x1), y0)
-                b = (x1, rng.uniform(y0, y1)) if side == 0 else (rng.uniform(x0, x1), y1)
-                pts = [a]
-                for t in (0.25, 0.5, 0.75):
-                    pts.append((a[0] + (b[0] - a[0]) * t + rng.normal(0, 0.04 * px),
-                                a[1] + (b[1] - a[1]) * t + rng.normal(0, 0.04 * py)))
-                pts.append(b)
-                cdraw.line(pts, fill=255, width=max(2, int(0.01 * s)), joint="curve")
-    _paint(img, _blur(_as_mask(crack_m), 0.5), (40, 38, 36), 0.9)
-    return {"broken_tiles": n, "missing_tiles": kinds.count("missing"), "tile_px": round(px / s, 4)}
-
-
-# ---------------------------------------------------------------------------------------------
 # One image.
 
 
@@ -578,32 +129,6 @@ def _work_size(size: tuple[int, int]) -> tuple[int, int]:
     if min(w, h) * f < _MIN_WORK_SIDE:
         f = _MIN_WORK_SIDE / min(w, h)
     return max(1, int(round(w * f))), max(1, int(round(h * f)))
-
-
-def _camera(rng: np.random.Generator, img: np.ndarray, s: int) -> np.ndarray:
-    """Lighting falloff, white balance, exposure and sensor noise of a site photo."""
-    h, w = img.shape[:2]
-    yy, xx = _grid(h, w)
-    a = rng.uniform(0, 2 * math.pi)
-    grad = ((xx / w - 0.5) * math.cos(a) + (yy / h - 0.5) * math.sin(a)) * rng.uniform(0.1, 0.3)
-    r2 = ((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2
-    light = rng.uniform(0.9, 1.05) * (1.0 + grad - rng.uniform(0.04, 0.14) * r2)
-    t = rng.uniform(-0.04, 0.04)
-    img *= light[..., None] * np.float32([1 + t, 1.0, 1 - t])[None, None, :]
-    img += rng.normal(0, rng.uniform(1.5, 4.0), size=(h, w, 1)).astype(np.float32)
-    img += rng.normal(0, 1.2, size=(h, w, 3)).astype(np.float32)
-    return np.clip(img, 0, 255)
-
-
-def _grain(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
-    """Luminance grain around 128, tiled from one random patch (cheap at 12 MP, never visible)."""
-    patch = np.clip(128 + np.round(rng.normal(0, 2.2, size=(509, 509, 1))), 0, 255).astype(np.uint8)
-    tile = Image.fromarray(np.repeat(patch, 3, axis=2), "RGB")
-    out = Image.new("RGB", size)
-    for y in range(0, size[1], 509):
-        for x in range(0, size[0], 509):
-            out.paste(tile, (x, y))
-    return out
 
 
 def _rngs(seed: int, index: int) -> list[np.random.Generator]:
@@ -628,26 +153,16 @@ def _render(seed: int, index: int, size: tuple[int, int]) -> tuple[bytes, dict]:
 
     ww, wh = _work_size(size)
     s = min(ww, wh)
-    layout: dict = {}
-    if surface == "plaster":
-        img = _plaster(img_rng, wh, ww, s)
-    elif surface == "concrete":
-        img = _concrete(img_rng, wh, ww, s)
-    else:
-        img, layout = _tile_wall(img_rng, wh, ww, s)
-    img = np.ascontiguousarray(img, dtype=np.float32)
-    if dtype == "tile":
-        measurements = _tile_defects(img_rng, img, level_index, s, layout)
-    else:
-        measurements = _DRAWERS[dtype](img_rng, img, level_index, s)
+    img, layout = draw_surface(img_rng, surface, wh, ww, s)
+    measurements = draw_defect(img_rng, dtype, img, level_index, s, layout)
     level = severity_level(dtype, measurements)
-    img = _camera(img_rng, img, s)
+    img = camera(img_rng, img, s)
     pil = Image.fromarray(np.round(img).astype(np.uint8), "RGB")
     if (ww, wh) != tuple(size):
         upscale = size[0] > ww
         pil = pil.resize(size, Image.Resampling.BICUBIC if upscale else Image.Resampling.LANCZOS)
         if upscale:  # a real sensor's grain at full resolution, not smeared by the upscale
-            pil = ImageChops.add(pil, _grain(img_rng, size), scale=1.0, offset=-128)
+            pil = ImageChops.add(pil, grain(img_rng, size), scale=1.0, offset=-128)
     buf = io.BytesIO()
     pil.save(buf, "JPEG", quality=JPEG_QUALITY, subsampling=2, optimize=False, progressive=False)
 
@@ -669,11 +184,6 @@ def _render(seed: int, index: int, size: tuple[int, int]) -> tuple[bytes, dict]:
         "measurements": measurements,
     }
     return buf.getvalue(), record
-
-
-_DRAWERS: dict[str, Callable[..., dict]] = {
-    "crack": _crack, "mould": _mould, "leakage": _leakage, "spalling": _spalling, "peeling": _peeling,
-}
 
 
 def render_image(seed: int, index: int, image_size: tuple[int, int] = (512, 384)) -> tuple[bytes, dict]:

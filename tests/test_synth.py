@@ -136,6 +136,20 @@ def test_every_type_and_level_is_drawn_as_planned_with_clear_margins():
                 assert min(abs(value - mid) / mid, abs(value - high) / high) > 0.1, (dtype, name, value)
 
 
+def test_missing_tiles_mark_only_the_severe_level():
+    """Missing tiles are the cue a 24-token view reads best, so they must separate the levels:
+    none below 严重, at least three at 严重 (generator v3)."""
+    seen: dict[str, list[int]] = {lvl: [] for lvl in LEVELS}
+    for i in range(600):
+        plan = plan_image(0, i)
+        if plan["defect_type"] != "tile" or len(seen[plan["level"]]) >= 2:
+            continue
+        seen[plan["level"]].append(render_image(0, i, SIZE)[1]["measurements"]["missing_tiles"])
+    assert all(len(v) == 2 for v in seen.values()), seen
+    assert seen["轻微"] == [0, 0] and seen["中等"] == [0, 0], seen
+    assert min(seen["严重"]) >= 3, seen
+
+
 def test_type_and_level_mix_is_mildly_imbalanced():
     plans = [plan_image(0, i) for i in range(3000)]
     levels = collections.Counter(p["level"] for p in plans)
