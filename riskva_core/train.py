@@ -40,8 +40,6 @@ import hashlib
 import json
 import math
 import os
-import re
-import shutil
 import signal
 import sys
 import time
@@ -52,9 +50,10 @@ from .atomic import atomic_dir, write_json
 from .conversation import PromptTemplate
 from .errors import RiskvaError
 from .samples import detect_format, read_samples, split_file
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .train_config import TrainConfig, config_from_args
+from .trainable import apply_trainable, count_parameters, param_groups, params_digest, trainable_parameters
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 DEBUG_HASH_ENV = "RISKVA_DEBUG_PARAM_HASH"      # each rank writes a hash of its trainable params
 PAUSE_ENV = "RISKVA_TEST_PAUSE_AFTER_STEP"       # tests: idle after step N until signalled/killed
 
@@ -63,81 +62,6 @@ class Reporter(Protocol):
     def log(self, msg: str) -> None: ...
     def report_metrics(self, step: int, metrics: dict) -> None: ...
     def report_final(self, metadata: dict) -> None: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# Model and trainable parameters
-
-
-def apply_trainable(model, cfg: TrainConfig):
-    """Freeze the base and make trainable exactly what the config asks for; returns the model."""
-    import torch
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if cfg.use_lora:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_regex(),
-            modules_to_save=cfg.modules_to_save() or None,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        torch.manual_seed(cfg.seed)  # LoRA A init is random: fixed per seed
-        model = get_peft_model(model, lora)
-    else:
-        inner = model.model
-        for p in inner.language_model.parameters():
-            p.requires_grad_(True)
-        for p in model.lm_head.parameters():
-            p.requires_grad_(True)
-        if cfg.tune_merger:
-            for p in inner.visual.merger.parameters():
-                p.requires_grad_(True)
-        if cfg.tune_vision:
-            for p in inner.visual.parameters():
-                p.requires_grad_(True)
-    return model
-
-
-def param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: matrices decay, biases/norms don't; the merger may run at its own --merger_lr.
-
-    ``lr_scale`` multiplies the scheduled learning rate, so warmup and decay shape every group
-    alike. A separate projector rate is the usual VLM knob (LLaVA's mm_projector_lr, ms-swift's
-    aligner_lr): the merger is trained from scratch while LoRA only nudges the language model.
-    """
-    merger_scale = (cfg.merger_lr / cfg.learning_rate) if cfg.merger_lr else 1.0
-    buckets: dict[tuple[bool, bool], list] = {}
-    for name, p in trainable_parameters(model).items():
-        buckets.setdefault((".visual.merger." in f".{name}", p.ndim >= 2), []).append(p)
-    groups = []
-    for (merger, decay), ps in sorted(buckets.items()):
-        groups.append({"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
-                       "lr_scale": merger_scale if merger else 1.0})
-    return groups
-
-
-def trainable_parameters(model) -> dict[str, Any]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
-def params_digest(model) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(trainable_parameters(model).items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,101 +132,6 @@ def prompt_template(cfg: TrainConfig) -> tuple[PromptTemplate | None, dict | Non
         if isinstance(saved, dict):
             return None, saved
     return None, None
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: checkpoint-STEP/{trainable.safetensors, optimizer.pt | ds/, trainer_state.json}
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for d in root.iterdir():
-        m = CHECKPOINT_RE.match(d.name)
-        if m and (d / "trainer_state.json").is_file():  # written last: only complete ones count
-            found.append((int(m.group(1)), d))
-    return sorted(found)
-
-
-def resolve_resume(cfg: TrainConfig) -> Path | None:
-    if cfg.resume_from_checkpoint in (None, "", "none", "None"):
-        return None
-    if cfg.resume_from_checkpoint == "auto":
-        found = list_checkpoints(cfg.output_dir)
-        return found[-1][1] if found else None
-    path = Path(cfg.resume_from_checkpoint)
-    if not (path / "trainer_state.json").is_file():
-        raise RiskvaError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
-    return path
-
-
-def save_checkpoint(accelerator, model, optimizer, cfg: TrainConfig, step: int, epoch: int, use_ds: bool) -> Path:
-    """All ranks call this. Written under a temporary name, renamed when complete."""
-    import torch
-    from safetensors.torch import save_file
-
-    root = cfg.output_dir / "checkpoints"
-    final = root / f"checkpoint-{step}"
-    tmp = root / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if use_ds:
-        # DeepSpeed's own format (per-rank ZeRO optimizer shards; torch files it loads itself);
-        # frozen base weights are excluded: a checkpoint of a 7B LoRA run stays small.
-        model.save_checkpoint(str(tmp / "ds"), tag="state", exclude_frozen_parameters=True)
-    unwrapped = accelerator.unwrap_model(model)
-    rng = torch.get_rng_state()
-    save_file({"cpu": rng}, str(tmp / f"rng_rank{accelerator.process_index}.safetensors"))
-    if accelerator.is_main_process:
-        tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(unwrapped).items()}
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        if not use_ds:
-            torch.save(optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
-                       tmp / "optimizer.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / "trainer_state.json", {"step": step, "epoch": epoch, "world_size": accelerator.num_processes,
-                                               "seed": cfg.seed})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for _, old in list_checkpoints(cfg.output_dir)[: -cfg.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(accelerator, model, optimizer, path: Path, use_ds: bool) -> int:
-    """Restore weights, optimizer and RNG; returns the optimizer step to continue from."""
-    import torch
-    from safetensors.torch import load_file
-
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    if state.get("world_size") != accelerator.num_processes:
-        raise RiskvaError(f"{path}: saved with {state.get('world_size')} ranks, now {accelerator.num_processes}; "
-                          "resume with the same --num_processes")
-    unwrapped = accelerator.unwrap_model(model)
-    if use_ds:
-        model.load_checkpoint(str(path / "ds"), tag="state", load_module_strict=False,
-                              load_optimizer_states=True, load_lr_scheduler_states=False)
-    else:
-        params = trainable_parameters(unwrapped)
-        saved = load_file(str(path / "trainable.safetensors"))
-        if set(saved) != set(params):
-            raise RiskvaError(f"{path}: trainable parameters differ from this run's configuration")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        target = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-        target.load_state_dict(opt_state)
-    rng_file = path / f"rng_rank{accelerator.process_index}.safetensors"
-    if rng_file.is_file():
-        torch.set_rng_state(load_file(str(rng_file))["cpu"])
-    return int(state["step"])
 
 
 # ---------------------------------------------------------------------------------------------

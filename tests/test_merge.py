@@ -11,7 +11,7 @@ from model_fixtures import make_prepared_dataset, make_tiny_model
 from riskva_core.errors import RiskvaError
 from riskva_core.merge import MergeConfig, fixed_inputs, merge
 from riskva_core.modeling import load_model, load_processor, save_processor, set_pixel_budget
-from riskva_core.train import apply_trainable
+from riskva_core.trainable import apply_trainable
 from riskva_core.train_config import TrainConfig
 from riskva_core.conversation import PromptTemplate
 

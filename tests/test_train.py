@@ -17,8 +17,8 @@ import pytest
 
 from model_fixtures import make_prepared_dataset, make_tiny_model
 from riskva_core.errors import RiskvaError
-from riskva_core.train import (DEBUG_HASH_ENV, PAUSE_ENV, apply_trainable, count_parameters, param_groups,
-                               params_digest, train)
+from riskva_core.train import DEBUG_HASH_ENV, PAUSE_ENV, train
+from riskva_core.trainable import apply_trainable, count_parameters, param_groups, params_digest
 from riskva_core.train_config import HELP, TrainConfig, build_parser, config_from_args
 
 pytestmark = pytest.mark.slow
