@@ -25,7 +25,7 @@ from . import metrics
 from .errors import RiskvaError
 from .metrics import as_level
 from .registry import ALIAS_CHALLENGER, ALIAS_CHAMPION, ALIAS_PREVIOUS, MAX_TAG_VALUE, Registry
-from .schema import FIELD_LEVEL, LEVEL_INVALID, LEVELS, normalize_level
+from .schema import FIELD_DESC, FIELD_LEVEL, LEVEL_INVALID, LEVELS, normalize_level
 
 SEVERE = LEVELS[-1]
 COMPARED_METRICS: tuple[str, ...] = ("level_accuracy", "severe_recall")
@@ -72,13 +72,16 @@ class Decision:
 
 # --- reading reports and predictions ----------------------------------------
 def headline(report: Mapping[str, Any]) -> dict[str, float | None]:
-    """The numbers the rule looks at, from an evaluation report.json."""
+    """The headline numbers of an evaluation report.json: what the rule looks at, and what the
+    model version shows (plus 缺陷描述's ROUGE-L: can the model say what it sees)."""
     level = report.get("risk_level") or {}
+    desc = (report.get("text") or {}).get(FIELD_DESC) or {}
     return {
         "parse_rate": report.get("parse_rate"),
         "level_accuracy": level.get("accuracy"),
         "severe_recall": level.get("severe_recall"),
         "under_grading_rate": level.get("under_grading_rate"),
+        "desc_rouge_l_char": desc.get("rouge_l_char"),
     }
 
 

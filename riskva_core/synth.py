@@ -10,7 +10,8 @@ so that every later step (validate, prepare, train, evaluate) can run with no pr
 
 Photos are rendered with numpy + Pillow: a wall surface (painted plaster, bare concrete or a
 tile grid) with texture, lighting gradient, colour cast and sensor noise, plus one defect
-(drawn by ``synth_draw``; this module plans each image, labels it and writes the dataset).
+(``synth_surfaces`` draws the wall and camera, ``synth_defects`` the defect, with the building
+blocks of ``synth_raster``; this module plans each image, labels it and writes the dataset).
 The defect types are deliberately distinct in colour and shape, so that a model has to look
 at the picture to tell them apart:
 
@@ -77,7 +78,8 @@ from . import synth_text
 from .atomic import atomic_dir, write_bytes, write_json, write_text
 from .errors import RiskvaError
 from .schema import CSV_COLUMNS, FIELD_ADVICE, FIELD_DESC, FIELD_LEVEL, FIELD_RISK, LEVELS
-from .synth_draw import camera, draw_defect, draw_surface, grain
+from .synth_defects import draw_defect
+from .synth_surfaces import camera, draw_surface, grain
 
 # Bump when a change alters any output byte for the same seed: it is part of every image's seed.
 GENERATOR_VERSION = 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,7 @@ def build_parser(prog: str = "riskva train", description: str | None = None) -> 
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = f"--{f.name}"
         default = defaults[f.name]
@@ -209,9 +211,9 @@ def build_parser(prog: str = "riskva train", description: str | None = None) -> 
             p.add_argument(flag, type=_bool, nargs="?", const=True, default=default,
                            help=f"{help_} (default {default}; bare flag = true)")
         else:
-            kind = {int: int, float: float}.get(type(default), str)
-            if default is None and "float" in str(f.type):  # optional numbers, e.g. --merger_lr
-                kind = float
+            # the declared type, not the default's: `float | None` (--merger_lr) parses as float
+            declared = (hints[f.name], *typing.get_args(hints[f.name]))
+            kind = next((t for t in (int, float) if t in declared), str)
             p.add_argument(flag, type=kind, default=default, help=f"{help_} (default {default})")
     return p
 

@@ -1,7 +1,7 @@
 """What a run trains: the LoRA/full-tuning switch, AdamW groups and parameter bookkeeping.
 
-``apply_trainable`` is shared by training, merging tests and the resume path, so the set of
-trainable weights is defined once; ``param_groups`` gives the merger its own rate.
+Training, checkpoints and the tests all ask ``apply_trainable``/``trainable_parameters``, so the
+set of trainable weights is defined once; ``param_groups`` gives the merger its own rate.
 """
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import hashlib
 from typing import Any
 
 from .train_config import TrainConfig
-
 
 
 def apply_trainable(model, cfg: TrainConfig):

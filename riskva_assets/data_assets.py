@@ -1,0 +1,187 @@
+"""Data assets: the validated raw CSV and the prepared SFT datasets (JSONL, Parquet)."""
+# No `from __future__ import annotations`: Dagster reads the config/context annotations at runtime.
+
+import os
+from collections import Counter
+from typing import Any, Optional
+
+import dagster as dg
+from pydantic import Field
+
+from riskva_core.errors import RiskvaError
+from riskva_core.schema import FIELD_LEVEL, FIELDS, LEVELS
+
+from . import lineage
+from .asset_metadata import CODE_VERSION, DATA, PREVIEW_ROWS, md_cell, md_table
+from .partitions import dataset_version
+from .resources import DataRootResource
+
+
+class RawMetadataConfig(dg.Config):
+    max_reject_ratio: float = Field(default=0.1, description="schema_valid fails above this rejected-row fraction")
+
+
+RAW_COLUMN_SCHEMA = dg.TableSchema(
+    columns=[
+        dg.TableColumn("image_id", "string", description="optional; synthesised when missing"),
+        dg.TableColumn("image_path", "string", description="relative to the dataset folder"),
+        *[dg.TableColumn(f"data_{f}", "string", description=f"report field {f}") for f in FIELDS],
+    ]
+)
+
+
+@dg.asset(
+    partitions_def=dataset_version,
+    group_name=DATA,
+    kinds={"pandas", "csv"},
+    code_version=CODE_VERSION,
+    check_specs=[
+        dg.AssetCheckSpec(
+            "schema_valid",
+            asset="raw_metadata",
+            blocking=True,
+            description="pandera schema + image checks; fails (and blocks everything downstream) "
+            "when the rejected fraction exceeds max_reject_ratio",
+        )
+    ],
+    description="The raw CSV of a dataset version, validated with pandera (riskva_core.validate): "
+    "columns, levels, image paths and decodability. Rejected rows are listed in the metadata.",
+)
+def raw_metadata(
+    context: dg.AssetExecutionContext, config: RawMetadataConfig, paths: DataRootResource
+) -> dg.MaterializeResult:
+    from riskva_core.validate import validate
+
+    root = paths.layout()
+    version = context.partition_key
+    csv = root.dataset_csv(version)
+    out_dir = root.validation_dir(version)
+    try:
+        result = validate(csv, root.dataset_dir(version), output_dir=out_dir, max_reject_ratio=config.max_reject_ratio)
+    except RiskvaError as exc:
+        # Unusable input (no file, missing columns): record why on the check; nothing downstream runs.
+        return dg.MaterializeResult(
+            metadata={"error": str(exc), "csv": dg.MetadataValue.path(str(csv))},
+            data_version=dg.DataVersion(lineage.text_hash("error", str(exc))[:16]),
+            check_results=[
+                dg.AssetCheckResult(check_name="schema_valid", passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                                    metadata={"error": str(exc)})
+            ],
+        )
+    report = result.report
+    levels = Counter(r.fields[FIELD_LEVEL] for r in result.records)
+    rejected_rows = [[r["row"], r["image_path"], "; ".join(r["reasons"])] for r in report["rejected"][:50]]
+    rejected_md = (
+        md_table(["row", "image_path", "reasons"], rejected_rows)
+        + (f"\n\n… and {len(report['rejected']) - 50} more" if len(report["rejected"]) > 50 else "")
+        if rejected_rows
+        else "No rejected rows."
+    )
+    content = lineage.text_hash(report["csv_sha256"], *sorted(r.image_sha256 for r in result.records))
+    check = dg.AssetCheckResult(
+        check_name="schema_valid",
+        passed=result.passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=f"{report['rows_rejected']}/{report['rows_total']} rows rejected "
+        f"(limit {config.max_reject_ratio:.0%})",
+        metadata={
+            "reject_ratio": float(report["reject_ratio"]),
+            "max_reject_ratio": float(config.max_reject_ratio),
+            "rows_rejected": int(report["rows_rejected"]),
+            "rejected_rows": dg.MetadataValue.md(rejected_md),
+        },
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": int(report["rows_total"]),
+            "dagster/column_schema": RAW_COLUMN_SCHEMA,
+            "rows_valid": int(report["rows_valid"]),
+            "rows_rejected": int(report["rows_rejected"]),
+            "reject_ratio": float(report["reject_ratio"]),
+            "level_distribution": dg.MetadataValue.md(
+                md_table(["风险等级", "rows"], [[lvl, levels.get(lvl, 0)] for lvl in LEVELS])
+            ),
+            "rejected_rows": dg.MetadataValue.md(rejected_md),
+            "csv": dg.MetadataValue.path(str(csv)),
+            "csv_sha256": report["csv_sha256"],
+            "validation_report": dg.MetadataValue.path(str(out_dir / "validation_report.md")),
+        },
+        data_version=dg.DataVersion(content[:16]),
+        check_results=[check],
+    )
+
+
+class PrepareAssetConfig(dg.Config):
+    val_ratio: float = Field(default=0.1, description="share of rows in the validation split")
+    test_ratio: float = Field(default=0.1, description="share of rows in the test split")
+    seed: int = Field(default=42, description="split seed")
+    image_quality: int = Field(default=85, description="JPEG quality of the normalised images")
+    max_image_side: int = Field(default=1024, description="images are fit within this square, never upscaled")
+    max_reject_ratio: float = Field(default=0.1, description="same limit as raw_metadata's schema_valid")
+    prompt_config: Optional[str] = Field(
+        default=None,
+        description="prompt/answer template JSON (riskva prepare --prompt_config); default: $RISKVA_PROMPT_CONFIG, "
+        "else the seed's answer format",
+    )
+
+
+def _prepare(context: dg.AssetExecutionContext, config: PrepareAssetConfig, paths: DataRootResource,
+             fmt: str) -> dg.MaterializeResult:
+    from riskva_core.prepare import PrepareConfig, prepare
+    from riskva_core.samples import read_samples
+
+    root = paths.layout()
+    version = context.partition_key
+    out = root.prepared_dir(version, fmt)
+    info = prepare(PrepareConfig(
+        csv_path=str(root.dataset_csv(version)), image_base_path=str(root.dataset_dir(version)),
+        output_path=str(out), format=fmt, image_quality=config.image_quality,
+        max_image_size=(config.max_image_side, config.max_image_side), val_ratio=config.val_ratio,
+        test_ratio=config.test_ratio, seed=config.seed, max_reject_ratio=config.max_reject_ratio,
+        prompt_config=config.prompt_config or os.environ.get("RISKVA_PROMPT_CONFIG") or None,
+    ))
+    preview = read_samples(out, "train")[:PREVIEW_ROWS]
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "format": fmt,
+            "split_sizes": dg.MetadataValue.json(dict(info["counts"])),
+            "dagster/row_count": int(sum(info["counts"].values())),
+            "bytes": lineage.folder_bytes(out),
+            "fingerprint": info["fingerprint"],
+            "preview": dg.MetadataValue.table(
+                records=[
+                    dg.TableRecord({"id": s.id[:12], "image_path": s.image_path,
+                                    **{f: md_cell(s.fields.get(f, ""), 40) for f in FIELDS}})
+                    for s in preview
+                ],
+                schema=dg.TableSchema(columns=[dg.TableColumn("id"), dg.TableColumn("image_path")]
+                                      + [dg.TableColumn(f) for f in FIELDS]),
+            ),
+        },
+        data_version=dg.DataVersion(info["fingerprint"][:16]),
+    )
+
+
+_prepare_kwargs: dict[str, Any] = dict(
+    partitions_def=dataset_version,
+    group_name=DATA,
+    code_version=CODE_VERSION,
+    deps=["raw_metadata"],
+    # Cheap and deterministic: refresh whenever the validated CSV changes.
+    automation_condition=dg.AutomationCondition.eager(),
+)
+
+
+@dg.asset(kinds={"json"}, description="Prepared SFT dataset as JSONL + normalised JPEGs "
+          "(riskva_core.prepare; layout in riskva_core/samples.py).", **_prepare_kwargs)
+def sft_jsonl(context: dg.AssetExecutionContext, config: PrepareAssetConfig,
+              paths: DataRootResource) -> dg.MaterializeResult:
+    return _prepare(context, config, paths, "jsonl")
+
+
+@dg.asset(kinds={"parquet"}, description="The same SFT samples as Parquet with image bytes in-column "
+          "(Hugging Face datasets Image layout).", **_prepare_kwargs)
+def sft_parquet(context: dg.AssetExecutionContext, config: PrepareAssetConfig,
+                paths: DataRootResource) -> dg.MaterializeResult:
+    return _prepare(context, config, paths, "parquet")
