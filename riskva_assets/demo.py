@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -76,11 +77,20 @@ def summary(root: DataRoot, version: str) -> str:
 
 
 def ensure_dataset(root: DataRoot, version: str, num_images: int, seed: int) -> Path:
+    from riskva_core.synth import GENERATOR_VERSION, synth
+
     csv = root.dataset_csv(version)
     if csv.is_file():
         print(f"dataset {version}: using {csv}")
+        # A dataset version is immutable (it is a partition with lineage), so an older draw is kept,
+        # but its numbers will not be the README's: say so instead of silently reusing it.
+        manifest = root.dataset_dir(version) / "synth_manifest.json"
+        made = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
+        if made and (made.get("generator_version"), made.get("num_images")) != (GENERATOR_VERSION, num_images):
+            print(f"note: {version} was synthesised by generator v{made.get('generator_version')} with "
+                  f"{made.get('num_images')} images (this code: v{GENERATOR_VERSION}, {num_images}); "
+                  f"for a fresh draw use --version {version}_v{GENERATOR_VERSION} or delete {root.dataset_dir(version)}")
         return csv
-    from riskva_core.synth import synth
 
     print(f"dataset {version}: synthesising {num_images} images into {root.dataset_dir(version)}")
     return synth(root.dataset_dir(version), num_images=num_images, seed=seed)
