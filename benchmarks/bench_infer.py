@@ -56,8 +56,8 @@ def main() -> int:
     import torch
 
     from model_fixtures import make_prepared_dataset, make_tiny_model
-    from riskva_core.infer import Generator
-    from riskva_core.samples import SPLITS, read_samples
+    from riskva_core.evaluate.infer import Generator
+    from riskva_core.data.samples import SPLITS, read_samples
 
     with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
         ds = make_prepared_dataset(Path(tmp) / "ds", args.n_images)

@@ -35,9 +35,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from riskva_core.images import RESAMPLE, fit_size
-from riskva_core.prepare import PrepareConfig, prepare
-from riskva_core.synth import synth
+from riskva_core.data.images import RESAMPLE, fit_size
+from riskva_core.data.prepare import PrepareConfig, prepare
+from riskva_core.synth.generate import synth
 
 
 def _cores() -> int:

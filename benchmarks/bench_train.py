@@ -23,8 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _dataset(root: Path, n: int) -> Path:
-    from riskva_core.prepare import PrepareConfig, prepare
-    from riskva_core.synth import synth
+    from riskva_core.data.prepare import PrepareConfig, prepare
+    from riskva_core.synth.generate import synth
 
     csv = synth(root / "raw", num_images=n, seed=0, num_workers=1)
     prepare(PrepareConfig(csv_path=str(csv), image_base_path=str(root / "raw"), output_path=str(root / "prep"),
@@ -36,13 +36,13 @@ def main() -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from riskva_core.collate import Collator, SFTDataset
-    from riskva_core.modeling import load_processor
-    from riskva_core.recipes import DEMO_CPU, DEMO_CPU_MODEL_SIZE, to_argv
-    from riskva_core.samples import read_samples
-    from riskva_core.tiny_model import TinyModelConfig, build_tiny_model
-    from riskva_core.train import train
-    from riskva_core.train_config import config_from_args
+    from riskva_core.train.collate import Collator, SFTDataset
+    from riskva_core.model.loading import load_processor
+    from riskva_core.train.recipes import DEMO_CPU, DEMO_CPU_MODEL_SIZE, to_argv
+    from riskva_core.data.samples import read_samples
+    from riskva_core.model.tiny import TinyModelConfig, build_tiny_model
+    from riskva_core.train.sft import train
+    from riskva_core.train.config import config_from_args
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset_path", type=Path, help="prepared folder (default: synthesise 60 images)")

@@ -152,7 +152,7 @@ def main() -> int:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from riskva_core.train_config import TrainConfig
+    from riskva_core.train.config import TrainConfig
 
     cuda = torch.cuda.is_available() and not tiny
     if not cuda and not tiny:

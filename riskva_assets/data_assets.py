@@ -50,7 +50,7 @@ RAW_COLUMN_SCHEMA = dg.TableSchema(
 def raw_metadata(
     context: dg.AssetExecutionContext, config: RawMetadataConfig, paths: DataRootResource
 ) -> dg.MaterializeResult:
-    from riskva_core.validate import validate
+    from riskva_core.data.validate import validate
 
     root = paths.layout()
     version = context.partition_key
@@ -127,8 +127,8 @@ class PrepareAssetConfig(dg.Config):
 
 def _prepare(context: dg.AssetExecutionContext, config: PrepareAssetConfig, paths: DataRootResource,
              fmt: str) -> dg.MaterializeResult:
-    from riskva_core.prepare import PrepareConfig, prepare
-    from riskva_core.samples import read_samples
+    from riskva_core.data.prepare import PrepareConfig, prepare
+    from riskva_core.data.samples import read_samples
 
     root = paths.layout()
     version = context.partition_key

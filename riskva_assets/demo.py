@@ -45,7 +45,7 @@ def summary(root: DataRoot, version: str) -> str:
     """Human summary of the latest materializations of ``version``."""
     import dagster as dg
 
-    from riskva_core.registry import Registry
+    from riskva_core.registry.client import Registry
 
     instance = dg.DagsterInstance.get()
     reg = _latest_metadata(instance, "registered_model", version)
@@ -77,7 +77,7 @@ def summary(root: DataRoot, version: str) -> str:
 
 
 def ensure_dataset(root: DataRoot, version: str, num_images: int, seed: int) -> Path:
-    from riskva_core.synth import GENERATOR_VERSION, synth
+    from riskva_core.synth.generate import GENERATOR_VERSION, synth
 
     csv = root.dataset_csv(version)
     if csv.is_file():

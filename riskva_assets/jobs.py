@@ -6,7 +6,7 @@ from enum import Enum
 import dagster as dg
 from pydantic import Field
 
-from riskva_core import promotion
+from riskva_core.registry import promotion
 
 from .assets import DATA_ASSETS
 from .partitions import dataset_version

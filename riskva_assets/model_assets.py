@@ -7,7 +7,7 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
-from riskva_core.recipes import DEMO_CPU_MODEL_SIZE
+from riskva_core.train.recipes import DEMO_CPU_MODEL_SIZE
 
 from . import lineage
 from .asset_metadata import CODE_VERSION, MODEL, json_or_none
@@ -46,7 +46,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, paths
             metadata={"base_model": source, "built": False, "config_hash": digest},
             data_version=dg.DataVersion(digest[:16]),
         )
-    from riskva_core.tiny_model import TinyModelConfig, build_tiny_model
+    from riskva_core.model.tiny import TinyModelConfig, build_tiny_model
 
     out = build_tiny_model(TinyModelConfig(output_dir=root.base_model_dir(version),
                                            dataset_path=root.prepared_dir(version, "jsonl"),
@@ -85,7 +85,7 @@ class TrainConfig(dg.Config):
 
     def train_args(self) -> tuple[str, list[str]]:
         """(recipe used, flags): the recipe's flags, then every field set here (last flag wins)."""
-        from riskva_core.recipes import resolve
+        from riskva_core.train.recipes import resolve
 
         recipe, args = resolve(self.recipe)
         for name in ("max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
@@ -156,7 +156,7 @@ def lineage_command(command: list[str]) -> str:
 )
 def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,
                  launcher: TrainingLauncher) -> dg.MaterializeResult:
-    from riskva_core.merge import MergeConfig, merge
+    from riskva_core.model.merge import MergeConfig, merge
 
     root = paths.layout()
     version = context.partition_key

@@ -72,8 +72,8 @@ class PipesReporter:
 
 def main(argv: list[str] | None = None) -> int:
     from riskva_core.errors import RiskvaError
-    from riskva_core.train import train
-    from riskva_core.train_config import config_from_args
+    from riskva_core.train.sft import train
+    from riskva_core.train.config import config_from_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -7,7 +7,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from riskva_core import registry as reg
+from riskva_core.registry import client as reg
 from riskva_core.errors import RiskvaError
 
 from . import lineage
@@ -17,7 +17,7 @@ from .resources import DataRootResource, MlflowResource
 
 
 def _example_image(paths: DataRootResource, version: str) -> bytes:
-    from riskva_core.samples import read_samples
+    from riskva_core.data.samples import read_samples
 
     root = paths.layout()
     for split in ("test", "val", "train"):
@@ -102,9 +102,9 @@ def _registered_version(context: dg.AssetExecutionContext) -> str:
 )
 def evaluation_report(context: dg.AssetExecutionContext, paths: DataRootResource,
                       mlflow: MlflowResource) -> dg.MaterializeResult:
-    from riskva_core.evaluate import evaluate
-    from riskva_core.promotion import headline
-    from riskva_core.pyfunc import predict_split
+    from riskva_core.evaluate.report import evaluate
+    from riskva_core.registry.promotion import headline
+    from riskva_core.registry.pyfunc import predict_split
 
     root = paths.layout()
     version = context.partition_key
@@ -171,8 +171,8 @@ class PromotionConfig(dg.Config):
 )
 def champion_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, paths: DataRootResource,
                        mlflow: MlflowResource) -> dg.MaterializeResult:
-    from riskva_core import promotion
-    from riskva_core.pyfunc import predict_split
+    from riskva_core.registry import promotion
+    from riskva_core.registry.pyfunc import predict_split
 
     root = paths.layout()
     version = context.partition_key

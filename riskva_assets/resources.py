@@ -21,7 +21,7 @@ import dagster as dg
 from pydantic import Field
 
 from riskva_core.paths import DataRoot, default_home
-from riskva_core.registry import Registry
+from riskva_core.registry.client import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,19 +9,19 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .errors import RiskvaError
+from riskva_core.errors import RiskvaError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("riskva_core.synth", "Generate the synthetic construction-defect dataset"),
-    "validate": ("riskva_core.validate", "Validate a raw CSV and its images (pandera)"),
-    "prepare": ("riskva_core.prepare", "Validate, split and write JSONL or Parquet SFT data"),
-    "preview": ("riskva_core.preview", "Summarise a prepared JSONL/Parquet file"),
-    "tiny-model": ("riskva_core.tiny_model", "Build a tiny random-weight Qwen2.5-VL model folder"),
-    "train": ("riskva_core.train", "LoRA SFT (single process; use accelerate launch for DeepSpeed)"),
-    "merge": ("riskva_core.merge", "Merge a LoRA adapter into its base model, verified"),
-    "infer": ("riskva_core.infer", "Run the model on an image, a list, a Parquet/JSONL file"),
-    "evaluate": ("riskva_core.evaluate", "Score predictions against ground truth; write a report"),
-    "serve": ("riskva_core.serve", "Serve the MLflow champion model over HTTP"),
+    "synth": ("riskva_core.synth.generate", "Generate the synthetic construction-defect dataset"),
+    "validate": ("riskva_core.data.validate", "Validate a raw CSV and its images (pandera)"),
+    "prepare": ("riskva_core.data.prepare", "Validate, split and write JSONL or Parquet SFT data"),
+    "preview": ("riskva_core.data.preview", "Summarise a prepared JSONL/Parquet file"),
+    "tiny-model": ("riskva_core.model.tiny", "Build a tiny random-weight Qwen2.5-VL model folder"),
+    "train": ("riskva_core.train.sft", "LoRA SFT (single process; use accelerate launch for DeepSpeed)"),
+    "merge": ("riskva_core.model.merge", "Merge a LoRA adapter into its base model, verified"),
+    "infer": ("riskva_core.evaluate.infer", "Run the model on an image, a list, a Parquet/JSONL file"),
+    "evaluate": ("riskva_core.evaluate.report", "Score predictions against ground truth; write a report"),
+    "serve": ("riskva_core.registry.serve", "Serve the MLflow champion model over HTTP"),
 }
 
 

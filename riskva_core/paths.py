@@ -30,7 +30,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import RiskvaError
+from riskva_core.errors import RiskvaError
 
 ENV_HOME = "RISKVA_HOME"
 DEFAULT_HOME = "riskva_home"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from riskva_core.conversation import PromptTemplate
+from riskva_core.data.conversation import PromptTemplate
 from riskva_core.schema import FIELDS, LEVELS
 
 _KINDS = (
@@ -122,6 +122,6 @@ def make_parquet_twin(jsonl_dir: str | Path, out_dir: str | Path) -> Path:
 
 def make_tiny_model(dir: str | Path, dataset_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Build the tiny random-weight Qwen2.5-VL folder at ``dir``; returns it."""
-    from riskva_core.tiny_model import TinyModelConfig, build_tiny_model
+    from riskva_core.model.tiny import TinyModelConfig, build_tiny_model
 
     return build_tiny_model(TinyModelConfig(output_dir=Path(dir), dataset_path=Path(dataset_dir), size=size, seed=seed))

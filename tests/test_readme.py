@@ -81,6 +81,8 @@ MIN_BLOCKS = 4
 BLOCK_TIMEOUT_S = int(os.environ.get("RISKVA_WALKTHROUGH_BLOCK_TIMEOUT", "1200"))
 _FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 _MODULE_TO_COMMAND = {module: name for name, (module, _) in COMMANDS.items()}
+# The seed's launch command runs the training package itself (riskva_core/train/__main__.py).
+_MODULE_TO_COMMAND["riskva_core.train"] = "train"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,478 @@
+"""Batch inference: images in, parsed risk reports out (JSON), optionally scored.
+
+    riskva infer --model_path M --image_path photo.jpg
+    riskva infer --model_path M --image_list list.txt --output_file out.json
+    riskva infer --model_path M --parquet_file test.parquet --output_file out.json --compare_gt --report_dir REPORT
+    riskva infer --model_path M --dataset_path PREPARED --split test --compare_gt --report_dir REPORT
+
+``M`` is a merged model folder, a base model folder with ``--adapter_path`` (LoRA applied
+without merging), a LoRA adapter folder alone (its base comes from adapter_config.json), or an
+MLflow model URI (``models:/riskva@champion``, ``runs:/<id>/model``) whose pyfunc carries the
+merged model as the artifact ``model_dir`` (see pyfunc.py).
+
+One code path for every caller: ``Generator`` loads the processor saved with the model (so
+images are resized exactly as in training), builds the prompt from the model's
+``prompt_template.json`` (else the default PromptTemplate) with the processor's chat template,
+and generates greedily in left-padded batches with a fixed seed. The CLI, the MLflow pyfunc
+and the HTTP server all call ``Generator.generate``.
+
+A bad image (missing, unreadable, corrupt, too large) becomes an entry with ``error`` and
+the run goes on. Exit status: 0 when every image was answered, otherwise the number of failed
+images capped at 100 (input errors such as a missing flag exit 2 before anything runs, so a
+status of 1-100 after a run always means "this many images failed").
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from PIL import Image
+
+from riskva_core.atomic import write_json
+from riskva_core.data.conversation import PromptTemplate
+from riskva_core.errors import RiskvaError
+from riskva_core.evaluate.parse import parse_answer
+from riskva_core.schema import FIELDS
+
+PROMPT_TEMPLATE_FILE = "prompt_template.json"
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+MAX_EXIT_FAILURES = 100
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+# ---------------------------------------------------------------- model resolution
+
+def _download_mlflow_model(uri: str) -> tuple[Path, Path]:
+    """Download an MLflow model; return (merged model folder inside it, download folder)."""
+    import os
+
+    import mlflow
+    import yaml
+
+    from riskva_core.registry.pyfunc import ARTIFACT_MODEL_DIR
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        from riskva_core.paths import DataRoot
+
+        mlflow.set_tracking_uri(DataRoot.from_env().mlflow_tracking_uri)
+    dst = Path(tempfile.mkdtemp(prefix="riskva-model-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as exc:  # MlflowException, RestException, OSError…: all mean "cannot get it"
+        shutil.rmtree(dst, ignore_errors=True)
+        raise RiskvaError(f"--model_path {uri}: cannot download from MLflow ({str(exc).splitlines()[0]})") from None
+    if (local / "config.json").is_file():
+        return local, dst
+    rel = f"artifacts/{ARTIFACT_MODEL_DIR}"
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():
+        meta = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
+        art = (((meta.get("flavors") or {}).get("python_function") or {}).get("artifacts") or {}).get(ARTIFACT_MODEL_DIR)
+        if isinstance(art, dict) and art.get("path"):
+            rel = art["path"]
+    model_dir = (local / rel).resolve()
+    if not model_dir.is_relative_to(local.resolve()) or not (model_dir / "config.json").is_file():
+        shutil.rmtree(dst, ignore_errors=True)
+        raise RiskvaError(f"--model_path {uri}: the MLflow model has no '{ARTIFACT_MODEL_DIR}' model folder")
+    return model_dir, dst
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    import json
+
+    from riskva_core.model.loading import ADAPTER_CONFIG
+
+    try:
+        cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RiskvaError(f"{adapter_dir / ADAPTER_CONFIG}: cannot read ({exc})") from None
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise RiskvaError(f"{adapter_dir}: adapter_config.json names no base model; pass it as --model_path")
+    return str(base)
+
+
+def load_prompt_template(*folders: str | Path | None) -> PromptTemplate:
+    """The template saved with the model (first folder that has one), else the default."""
+    for folder in folders:
+        if folder is not None and (Path(folder) / PROMPT_TEMPLATE_FILE).is_file():
+            return PromptTemplate.load(Path(folder) / PROMPT_TEMPLATE_FILE)
+    return PromptTemplate()
+
+
+class Generator:
+    """A loaded model + processor that turns images into answer texts, deterministically.
+
+    ``generate(images)`` runs the images as ONE left-padded batch; callers choose the batch
+    size (``infer`` and the pyfunc chunk their inputs).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        adapter_path: str | Path | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        dtype: str | None = None,
+        device: str = "auto",
+        seed: int = 0,
+        prompt_template: PromptTemplate | None = None,
+    ):
+        import torch
+
+        from riskva_core.model.loading import is_adapter_dir, load_model, load_processor
+
+        if max_new_tokens < 1:
+            raise RiskvaError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.max_new_tokens = int(max_new_tokens)
+        self.seed = int(seed)
+        download: Path | None = None
+        path = str(model_path)
+        try:
+            if path.startswith(MLFLOW_SCHEMES):
+                local, download = _download_mlflow_model(path)
+                path = str(local)
+            if adapter_path is None and Path(path).is_dir() and is_adapter_dir(path):
+                adapter_path, path = path, _adapter_base(Path(path))
+            if adapter_path is not None and not Path(adapter_path).is_dir():
+                raise RiskvaError(f"--adapter_path {adapter_path}: no such folder")
+            # Training saves the processor (with its pixel budget) next to the adapter.
+            proc_src = adapter_path if adapter_path is not None and any(
+                (Path(adapter_path) / f).is_file() for f in PROCESSOR_FILES) else path
+            self.processor = load_processor(proc_src)
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = torch.device(device)
+            # float32 on CPU (bf16 matmuls are slow there); the checkpoint's dtype on GPU.
+            self.dtype = dtype or ("float32" if self.device.type == "cpu" else "auto")
+            self.model = load_model(path, adapter_path, dtype=self.dtype).to(self.device).eval()
+            self.template = prompt_template or load_prompt_template(adapter_path, path)
+        finally:
+            if download is not None:  # weights are in memory now
+                shutil.rmtree(download, ignore_errors=True)
+        self.model_path, self.adapter_path = path, adapter_path
+        tok = self.processor.tokenizer
+        tok.padding_side = "left"  # generation appends on the right: prompts must end aligned
+        self.prompt = self.processor.apply_chat_template(
+            self.template.messages(None), tokenize=False, add_generation_prompt=True
+        )
+        self.generation_config = self._generation_config()
+
+    def _generation_config(self):
+        import copy
+
+        gc = copy.deepcopy(self.model.generation_config)
+        # Greedy: drop the sampling knobs a released config may carry (Qwen ships top_k/top_p),
+        # so generate() neither samples nor warns about unused settings.
+        gc.do_sample = False
+        gc.num_beams = 1
+        gc.temperature = None
+        gc.top_p = None
+        gc.top_k = None
+        gc.max_new_tokens = self.max_new_tokens
+        if gc.pad_token_id is None:
+            gc.pad_token_id = self.processor.tokenizer.pad_token_id
+        return gc
+
+    def generate(self, images: Sequence[Image.Image]) -> list[str]:
+        """Answer texts for ``images`` (RGB PIL images), one left-padded greedy batch."""
+        import torch
+
+        if not images:
+            return []
+        enc = self.processor(
+            text=[self.prompt] * len(images), images=list(images), padding=True, return_tensors="pt"
+        ).to(self.device)
+        torch.manual_seed(self.seed)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, generation_config=self.generation_config)
+        new_tokens = out[:, enc["input_ids"].shape[1]:]
+        return [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+# ---------------------------------------------------------------- inputs
+
+@dataclasses.dataclass
+class Item:
+    id: str
+    image: str
+    image_id: str
+    image_path: str
+    load: Callable[[], Image.Image]
+    ground_truth: dict[str, str] | None = None
+
+
+def _file_loader(path: Path) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        from riskva_core.data.images import to_rgb
+        from riskva_core.data.samples import decode_image
+
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise RiskvaError(f"cannot read image file ({exc.strerror or exc})") from None
+        if not data:
+            raise RiskvaError("empty image file (0 bytes)")
+        img = decode_image(data, path.name)
+        # Raw photos: honour EXIF orientation exactly as prepare does for training images.
+        return to_rgb(img)
+
+    return load
+
+
+def _image_items(paths: Sequence[str], base: Path | None) -> list[Item]:
+    items, seen = [], {}
+    for ref in paths:
+        p = Path(ref)
+        if base is not None and not p.is_absolute():
+            p = base / p
+        n = seen[ref] = seen.get(ref, 0) + 1
+        items.append(Item(id=ref if n == 1 else f"{ref}#{n}", image=str(p), image_id=Path(ref).stem,
+                          image_path=ref, load=_file_loader(p)))
+    return items
+
+
+def _read_image_list(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RiskvaError(f"--image_list {path}: cannot read ({exc})") from None
+    refs = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not refs:
+        raise RiskvaError(f"--image_list {path}: lists no images")
+    return refs
+
+
+def _sample_items(dataset: Path, split: str) -> list[Item]:
+    from riskva_core.data.samples import read_samples
+
+    items = []
+    for s in read_samples(dataset, split):
+        items.append(Item(
+            id=s.id,
+            image=str(s.image_file) if s.image_file is not None else s.id,
+            image_id=s.image_id,
+            image_path=s.image_path,
+            load=s.load_image,
+            ground_truth={f: s.fields.get(f, "") for f in FIELDS},
+        ))
+    if not items:
+        raise RiskvaError(f"{dataset}: no samples in split {split!r}")
+    return items
+
+
+# ---------------------------------------------------------------- config + entry
+
+@dataclasses.dataclass
+class InferConfig:
+    model_path: str
+    image_path: Path | None = None
+    image_list: Path | None = None
+    parquet_file: Path | None = None
+    jsonl_file: Path | None = None
+    dataset_path: Path | None = None
+    split: str = "test"
+    output_file: Path | None = None
+    compare_gt: bool = False
+    report_dir: Path | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    adapter_path: Path | None = None
+    dtype: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("image_path", "image_list", "parquet_file", "jsonl_file", "dataset_path", "output_file",
+                     "report_dir", "adapter_path"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value))
+        sources = [n for n in ("image_path", "image_list", "parquet_file", "jsonl_file", "dataset_path")
+                   if getattr(self, n) is not None]
+        if len(sources) != 1:
+            raise RiskvaError(
+                "give exactly one input: --image_path, --image_list, --parquet_file, --jsonl_file or --dataset_path"
+                + (f" (got {', '.join('--' + s for s in sources)})" if sources else "")
+            )
+        self.source = sources[0]
+        if self.source != "image_path":  # a single bad image is reported as a failed entry, not here
+            src = getattr(self, self.source)
+            if not src.exists():
+                raise RiskvaError(f"--{self.source} {src}: no such file or folder")
+        if self.source in ("parquet_file", "jsonl_file") and not getattr(self, self.source).is_file():
+            raise RiskvaError(f"--{self.source} {getattr(self, self.source)}: not a file")
+        if self.compare_gt and self.source in ("image_path", "image_list"):
+            raise RiskvaError("--compare_gt needs ground truth: use --parquet_file, --jsonl_file or --dataset_path")
+        if self.report_dir is not None and not self.compare_gt:
+            raise RiskvaError("--report_dir scores against ground truth: add --compare_gt")
+        if self.batch_size < 1:
+            raise RiskvaError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise RiskvaError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.output_file is None and self.report_dir is not None:
+            self.output_file = self.report_dir / "predictions.json"
+        if self.output_file is None and self.source != "image_path":
+            raise RiskvaError(f"--{self.source} answers many images: give --output_file (or --report_dir)")
+
+    def items(self) -> list[Item]:
+        if self.source == "image_path":
+            return _image_items([str(self.image_path)], None)
+        if self.source == "image_list":
+            return _image_items(_read_image_list(self.image_list), self.image_list.parent)
+        return _sample_items(getattr(self, self.source), self.split)
+
+
+def _record(item: Item, raw: str | None, error: str | None, with_gt: bool) -> dict[str, Any]:
+    if error is None:
+        result = parse_answer(raw or "")
+        parsed, ok = result.parsed, result.parse_ok
+    else:
+        parsed, ok = {f: None for f in FIELDS}, False
+    rec: dict[str, Any] = {
+        "id": item.id,
+        "image": item.image,
+        "image_id": item.image_id,
+        "image_path": item.image_path,
+        "raw_output": raw,
+        "parsed": parsed,
+        "parse_ok": ok,
+    }
+    if error is not None:
+        rec["error"] = error
+    if with_gt and item.ground_truth is not None:
+        rec["ground_truth"] = item.ground_truth
+    return rec
+
+
+# Errors one image can cause inside the processor or the model (e.g. an aspect ratio
+# smart_resize refuses); anything else is a bug and propagates.
+_GENERATION_ERRORS = (ValueError, RuntimeError, IndexError, TypeError)
+
+
+def run_items(generator: Generator, items: Sequence[Item], batch_size: int, with_gt: bool = False,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Answer every item in order; failures become error records, the batch goes on."""
+    from tqdm import tqdm
+
+    records: list[dict[str, Any] | None] = [None] * len(items)
+    bar = tqdm(total=len(items), unit="img", desc="infer", disable=not progress or len(items) <= 1)
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = list(enumerate(items[start:start + batch_size], start))
+            good: list[tuple[int, Image.Image]] = []
+            for i, item in chunk:
+                try:
+                    good.append((i, item.load()))
+                except RiskvaError as exc:
+                    records[i] = _record(item, None, str(exc), with_gt)
+            try:
+                texts = generator.generate([img for _, img in good])
+                outcomes = [(i, t, None) for (i, _), t in zip(good, texts)]
+            except _GENERATION_ERRORS:
+                # Isolate the image that broke the batch; the others still get answers.
+                outcomes = []
+                for i, img in good:
+                    try:
+                        outcomes.append((i, generator.generate([img])[0], None))
+                    except _GENERATION_ERRORS as exc:
+                        outcomes.append((i, None, f"generation failed ({type(exc).__name__}: {exc})"))
+            for i, text, err in outcomes:
+                records[i] = _record(items[i], text, err, with_gt)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return [r for r in records if r is not None]
+
+
+def infer(cfg: InferConfig, generator: Generator | None = None) -> list[dict[str, Any]]:
+    """Run ``cfg``; write the predictions (and the report); return the records."""
+    items = cfg.items()
+    if generator is None:
+        generator = Generator(cfg.model_path, cfg.adapter_path, cfg.max_new_tokens, cfg.dtype, cfg.device, cfg.seed)
+    records = run_items(generator, items, cfg.batch_size, cfg.compare_gt, cfg.progress)
+    if cfg.output_file is not None:
+        write_json(cfg.output_file, records)
+    if cfg.report_dir is not None:
+        from riskva_core.evaluate.report import evaluate
+
+        evaluate(records, cfg.report_dir, image_root=getattr(cfg, cfg.source))
+    return records
+
+
+def format_record(rec: dict[str, Any]) -> str:
+    """A readable terminal report for one image."""
+    lines = [f"图片 / image: {rec['image']}"]
+    if rec.get("error"):
+        return "\n".join(lines + [f"错误 / error: {rec['error']}"])
+    for f in FIELDS:
+        value = rec["parsed"].get(f)
+        lines.append(f"{f}: {value if value is not None else '(未找到 / missing)'}")
+    if not rec["parse_ok"]:
+        lines += ["", "⚠ the answer did not parse into the four fields; raw output:", rec["raw_output"] or ""]
+    return "\n".join(lines)
+
+
+def n_failed(records: Sequence[dict[str, Any]]) -> int:
+    return sum(1 for r in records if r.get("error"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="riskva infer",
+        description="Run the model on an image, an image list, a Parquet/JSONL file or a prepared split.",
+        epilog="Exit status: 0 when every image was answered; otherwise the number of failed images "
+        f"(capped at {MAX_EXIT_FAILURES}); 2 for a bad flag or input before any image is run.",
+    )
+    p.add_argument("--model_path", required=True,
+                   help="merged model folder, base model folder (with --adapter_path), LoRA adapter folder, "
+                   "or an MLflow model URI such as models:/riskva@champion")
+    p.add_argument("--adapter_path", type=Path, default=None,
+                   help="LoRA adapter folder applied to --model_path without merging")
+    src = p.add_argument_group("input (exactly one)")
+    src.add_argument("--image_path", type=Path, help="one image; prints a readable report")
+    src.add_argument("--image_list", type=Path,
+                     help="text file with one image path per line (relative paths are relative to the list's "
+                     "folder; blank lines and # comments are skipped)")
+    src.add_argument("--parquet_file", type=Path, help="a prepared .parquet file (images embedded)")
+    src.add_argument("--jsonl_file", type=Path, help="a prepared .jsonl file (images beside it)")
+    src.add_argument("--dataset_path", type=Path, help="a prepared dataset folder; see --split")
+    p.add_argument("--split", default="test", help="split of --dataset_path to run (default test)")
+    p.add_argument("--output_file", type=Path, default=None,
+                   help="predictions JSON (required for many images unless --report_dir, which defaults it "
+                   "to REPORT/predictions.json)")
+    p.add_argument("--compare_gt", action="store_true",
+                   help="add each sample's ground truth to its prediction (dataset inputs only)")
+    p.add_argument("--report_dir", type=Path, default=None,
+                   help="with --compare_gt: also write the evaluation report (report.json/md/html) here")
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"images per generation batch (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
+                   help="weights dtype (default float32 on CPU, the checkpoint's dtype on GPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed set before every batch (default 0)")
+    p.add_argument("--no_progress", dest="progress", action="store_false", help="hide the progress bar")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = InferConfig(**vars(args))
+    records = infer(cfg)
+    if cfg.source == "image_path":
+        print(format_record(records[0]))
+    failed = n_failed(records)
+    ok = sum(1 for r in records if r["parse_ok"])
+    if cfg.source != "image_path" or cfg.output_file is not None:
+        print(f"{len(records)} images: {ok} parsed, {len(records) - ok - failed} unparsed, {failed} failed"
+              + (f" -> {cfg.output_file}" if cfg.output_file else "")
+              + (f"; report {cfg.report_dir / 'report.html'}" if cfg.report_dir else ""))
+    return min(failed, MAX_EXIT_FAILURES)

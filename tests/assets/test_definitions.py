@@ -1,0 +1,62 @@
+"""The Dagster code location loads and has the shape the product promises."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from riskva_assets.definitions import defs
+
+CHAIN = ["raw_metadata", "sft_jsonl", "sft_parquet", "base_model", "lora_adapter", "merged_model",
+         "registered_model", "evaluation_report", "champion_promotion"]
+
+
+def test_definitions_validate_in_process():
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    assert sorted(k.to_user_string() for k in graph.get_all_asset_keys()) == sorted(CHAIN)
+
+
+def test_every_asset_is_partitioned_described_and_versioned():
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.partitions_def is not None and node.partitions_def.name == "dataset_version", key
+        assert node.description, key
+        assert node.code_version, key
+        assert node.group_name in {"data", "model", "registry"}, key
+        assert node.kinds, key
+
+
+def test_training_is_pooled_and_never_automated_and_schema_check_blocks():
+    graph = defs.resolve_asset_graph()
+    lora = defs.get_assets_def("lora_adapter")
+    assert lora.op.pool == "gpu"
+    assert graph.get(dg.AssetKey("lora_adapter")).automation_condition is None
+    raw = defs.get_assets_def("raw_metadata")
+    (spec,) = raw.check_specs
+    assert spec.name == "schema_valid" and spec.blocking
+    assert {p.to_user_string() for p in graph.get(dg.AssetKey("sft_jsonl")).parent_keys} == {"raw_metadata"}
+    assert {p.to_user_string() for p in graph.get(dg.AssetKey("lora_adapter")).parent_keys} == {"base_model", "sft_jsonl"}
+
+
+def test_jobs_sensor_schedule_present():
+    assert {j.name for j in defs.jobs} >= {"data_job", "retrain_job", "promote_job"}
+    assert defs.get_sensor_def("new_dataset_sensor") is not None
+    assert defs.get_schedule_def("weekly_retrain").cron_schedule == "0 3 * * 1"
+
+
+def test_dagster_cli_validates_the_code_location_and_instance(tmp_path: Path):
+    env = {**os.environ, "RISKVA_HOME": str(tmp_path / "home")}
+    home = subprocess.run([sys.executable, "-m", "riskva_assets.instance"], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert Path(home) == tmp_path / "home" / "dagster_home" and (Path(home) / "dagster.yaml").is_file()
+    dagster = Path(sys.executable).with_name("dagster")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([str(dagster), "definitions", "validate", "-w", str(root / "workspace.yaml")],
+                          env={**env, "DAGSTER_HOME": home}, cwd=root, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "riskva" in proc.stdout + proc.stderr

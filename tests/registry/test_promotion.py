@@ -1,0 +1,116 @@
+"""Promotion rule (pure) and its registry moves on real registered tiny pyfunc models."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from model_fixtures import make_prepared_dataset, make_tiny_model
+
+from riskva_core.registry import promotion
+from riskva_core.errors import RiskvaError
+from riskva_core.paths import DataRoot
+from riskva_core.registry.client import Registry
+from riskva_core.data.samples import read_samples
+
+LEVELS = ["轻微", "中等", "严重"]
+
+
+def _records(n: int, correct: int, severe_correct: bool = True) -> list[dict]:
+    """n predictions (gold levels cycling), the first ``correct`` right; others one level off."""
+    out = []
+    for i in range(n):
+        gold = LEVELS[i % 3]
+        right = i < correct or (severe_correct and gold == "严重")
+        guess = gold if right else LEVELS[(LEVELS.index(gold) + 1) % 3]
+        out.append({"id": f"s{i}", "ground_truth": {"风险等级": gold}, "parsed": {"风险等级": guess}})
+    return out
+
+
+def _report(parse_rate: float, accuracy: float, severe_recall: float = 1.0) -> dict:
+    return {"n": 60, "parse_rate": parse_rate,
+            "risk_level": {"accuracy": accuracy, "severe_recall": severe_recall, "under_grading_rate": 0.1}}
+
+
+def test_no_champion_absolute_thresholds_decide():
+    ok = promotion.decide(_report(0.97, 0.8), None)
+    assert ok.promote and "no champion" in ok.reason
+    bad = promotion.decide(_report(0.90, 0.8), None)
+    assert not bad.promote and "parse_rate=0.900 < 0.95" in bad.reason
+    t = promotion.Thresholds(min_level_accuracy=0.85, min_severe_recall=0.9)
+    worse = promotion.decide(_report(0.99, 0.8, 0.5), None, t)
+    assert not worse.promote and len(worse.failures) == 2
+
+
+def test_paired_comparison_blocks_a_significantly_worse_challenger():
+    champion = _records(90, correct=90)
+    worse = _records(90, correct=20, severe_correct=False)
+    cmp = promotion.compare(worse, champion)
+    assert cmp["level_accuracy"]["n"] == 90 and cmp["severe_recall"]["n"] == 30
+    assert cmp["level_accuracy"]["ci95"][1] < 0
+    d = promotion.decide(_report(1.0, 0.22), cmp, champion_version="3")
+    assert not d.promote and "significantly worse than champion v3 on level_accuracy" in d.reason
+    assert "severe_recall" in d.reason
+    # A slightly different but not significantly worse challenger passes.
+    close = _records(90, correct=88)
+    d2 = promotion.decide(_report(1.0, 0.98), promotion.compare(close, champion), champion_version="3")
+    assert d2.promote, d2.reason
+
+
+def test_scores_treat_errors_as_misses_and_need_ground_truth():
+    recs = [{"id": "a", "ground_truth": {"风险等级": "严重"}, "parsed": {"风险等级": "严重"}, "error": "bad image"}]
+    assert promotion.per_sample_scores(recs) == {"level_accuracy": {"a": 0.0}, "severe_recall": {"a": 0.0}}
+    with pytest.raises(RiskvaError, match="ground-truth"):
+        promotion.per_sample_scores([{"id": "b", "parsed": {}}])
+    with pytest.raises(RiskvaError, match="min_parse_rate"):
+        promotion.Thresholds(min_parse_rate=1.5)
+
+
+@pytest.fixture(scope="module")
+def registry_with_versions(tmp_path_factory) -> Registry:
+    tmp = tmp_path_factory.mktemp("promo")
+    ds = make_prepared_dataset(tmp / "ds", n=8)
+    model = make_tiny_model(tmp / "tiny", ds)
+    reg = Registry.under(DataRoot(tmp / "home"))
+    image = read_samples(ds, "test")[0].image_file.read_bytes()
+    for i in range(3):
+        reg.log_model(model, example_image=image, tags={"dataset_version": f"v{i + 1}"},
+                      model_config={"max_new_tokens": 4, "batch_size": 1})
+    return reg
+
+
+def test_registry_round_trip_promote_reject_rollback(registry_with_versions: Registry):
+    reg = registry_with_versions
+    # v1: first model, meets thresholds → champion.
+    reg.set_alias("challenger", "1")
+    d1 = promotion.decide(_report(0.99, 0.8), None)
+    assert promotion.apply_decision(reg, "1", d1) == {"challenger": "1", "champion": "1"}
+    # v2: better → champion; v1 becomes previous_champion.
+    reg.set_alias("challenger", "2")
+    cmp = promotion.compare(_records(90, 88), _records(90, 80))
+    d2 = promotion.decide(_report(0.99, 0.97), cmp, champion_version="1")
+    aliases = promotion.apply_decision(reg, "2", d2, {"dagster_run_id": "run-2"})
+    assert aliases == {"challenger": "2", "champion": "2", "previous_champion": "1"}
+    tags2 = reg.get_version("2").tags
+    assert tags2["promotion.decision"] == "promoted" and tags2["promotion.compared_to"] == "1"
+    assert tags2["promotion.dagster_run_id"] == "run-2" and json.loads(tags2["promotion.comparison"])
+    assert reg.get_version("1").tags["promotion.decision"] == "replaced"
+    # v3: significantly worse → stays challenger, reason recorded.
+    reg.set_alias("challenger", "3")
+    cmp3 = promotion.compare(_records(90, 10, severe_correct=False), _records(90, 88))
+    d3 = promotion.decide(_report(0.99, 0.1), cmp3, champion_version="2")
+    assert promotion.apply_decision(reg, "3", d3) == {"challenger": "3", "champion": "2", "previous_champion": "1"}
+    tags3 = reg.get_version("3").tags
+    assert tags3["promotion.decision"] == "rejected" and "significantly worse" in tags3["promotion.reason"]
+    # Rollback to the previous champion; then manual promotion of v3 with a reason.
+    assert promotion.rollback(reg, "v2 misgrades site photos") == {
+        "challenger": "3", "champion": "1", "previous_champion": "2"}
+    assert reg.get_version("2").tags["promotion.decision"] == "rolled_back"
+    history = json.loads(reg.get_version("1").tags["promotion.history"])
+    assert [h["action"] for h in history] == ["promoted", "replaced", "restored"]
+    assert promotion.promote(reg, "3", "approved by QA")["champion"] == "3"
+    assert reg.get_version("3").tags["promotion.reason"] == "approved by QA"
+    with pytest.raises(RiskvaError, match="already the champion"):
+        promotion.rollback(reg, "again", version="3")
+    with pytest.raises(RiskvaError, match="no version"):
+        promotion.promote(reg, "99", "typo")

@@ -1,0 +1,278 @@
+"""Training through the real entry points: accelerate launch + DeepSpeed ZeRO-2 on CPU ranks (gloo).
+
+Nothing is mocked: the tiny Qwen2.5-VL trains for a few steps on tiny images. The first
+DeepSpeed run on a machine JIT-builds DeepSpeed's CPU shm-comm op (cached afterwards).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from model_fixtures import make_prepared_dataset, make_tiny_model
+from riskva_core.errors import RiskvaError
+from riskva_core.train.sft import DEBUG_HASH_ENV, PAUSE_ENV, train
+from riskva_core.train.trainable import apply_trainable, count_parameters, param_groups, params_digest
+from riskva_core.train.config import HELP, TrainConfig, build_parser, config_from_args
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+PY = Path(sys.executable)
+ACCELERATE = PY.parent / "accelerate"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = make_prepared_dataset(root / "data", 15)
+    model = make_tiny_model(root / "model", data)
+    return root, data, model
+
+
+def _args(model: Path, data: Path, out: Path, **over) -> list[str]:
+    flags = {
+        "model_name_or_path": model, "dataset_path": data, "output_dir": out,
+        "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2, "max_steps": 6,
+        "learning_rate": 3e-3, "warmup_ratio": 0.0, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
+        "logging_steps": 1, "save_steps": 2, "train_lm_head": True, "tune_merger": True,
+        "min_pixels": 28 * 28, "max_pixels": 56 * 56, "seed": 3, "report_to": "tensorboard",
+    }
+    flags.update(over)
+    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO), **{k: str(v) for k, v in extra.items()})
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _launch(num_processes: int, args: list[str], **extra) -> list[str]:
+    return [str(ACCELERATE), "launch", "--config_file", str(REPO / "configs/deepspeed_zero2.yaml"),
+            "--num_processes", str(num_processes), "--main_process_port", str(29500 + os.getpid() % 1000 + num_processes),
+            "-m", "riskva_core.train", *args]
+
+
+def _run(cmd: list[str], **extra) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=REPO, env=_env(**extra), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+def _adapter_tensors(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def zero2_run(env):
+    root, data, model = env
+    out = root / "zero2"
+    p = _run(_launch(1, _args(model, data, out)), **{DEBUG_HASH_ENV: 1})
+    return out, p
+
+
+def test_zero2_single_process_trains_saves_and_reloads(env, zero2_run):
+    from riskva_core.model.loading import load_model
+
+    root, data, model = env
+    out, p = zero2_run
+    assert "DeepSpeed ZeRO-2" in p.stderr
+    metrics = json.loads((out / "adapter" / "metrics.json").read_text())
+    losses = [h["train/loss"] for h in metrics["history"] if "train/loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert metrics["final"]["step"] == 6 and metrics["final"]["trainable_parameters"] > 0
+    assert f"trainable parameters: {metrics['final']['trainable_parameters']:,}" in p.stderr
+
+    adapter = out / "adapter"
+    tensors = _adapter_tensors(out)
+    assert any("lora_A" in k for k in tensors) and any("lm_head" in k for k in tensors)
+    assert any("merger" in k for k in tensors) and not any("visual.blocks" in k for k in tensors)
+    cfg = json.loads((adapter / "processor_config.json").read_text())["image_processor"]
+    assert cfg["size"] == {"shortest_edge": 784, "longest_edge": 3136}
+    assert (cfg["min_pixels"], cfg["max_pixels"]) == (784, 3136)
+    args = json.loads((adapter / "training_args.json").read_text())
+    assert args["seed"] == 3 and args["pixel_budget"] == {"min_pixels": 784, "max_pixels": 3136}
+    info = json.loads((data / "dataset_info.json").read_text())
+    assert json.loads((adapter / "dataset.json").read_text())["fingerprint"] == info["fingerprint"]
+    assert list((out / "runs").rglob("events.out.tfevents.*"))
+    assert sorted(int(c.name.split("-")[1]) for c in (out / "checkpoints").glob("checkpoint-*")) == [2, 4]
+
+    # Reloading the saved adapter gives back exactly the trained parameters.
+    reloaded = load_model(model, adapter_path=adapter, trainable_adapter=True)
+    debug = json.loads((out / "debug" / "rank0.json").read_text())
+    assert params_digest(reloaded) == debug["digest"]
+
+
+def test_zero2_two_ranks_stay_in_sync(env):
+    root, data, model = env
+    out = root / "zero2x2"
+    p = _run(_launch(2, _args(model, data, out, max_steps=3, save_steps=0, merger_lr=1e-2, augment_flip=True)),
+             **{DEBUG_HASH_ENV: 1})
+    ranks = [json.loads((out / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert "world size 2" in p.stderr
+    assert json.loads((out / "adapter" / "metrics.json").read_text())["final"]["world_size"] == 2
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 400) -> None:
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {path.name}: {proc.stderr.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {path}")
+        time.sleep(0.2)
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(env, zero2_run):
+    import torch
+
+    root, data, model = env
+    ref_out, _ = zero2_run
+    out = root / "killed"
+    args = _args(model, data, out)
+    proc = subprocess.Popen(_launch(1, args), cwd=REPO, env=_env(**{PAUSE_ENV: 3}), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(out / "debug" / "paused-rank0", proc)
+        rank_pid = int((out / "debug" / "paused-rank0").read_text().split()[1])
+        os.kill(rank_pid, signal.SIGKILL)  # the training process itself: no chance to clean up
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher (the rank runs in its own session)
+        proc.wait()
+    assert not (out / "adapter").exists()
+    assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (out / "checkpoints" / "checkpoint-4").exists()
+
+    p = _run(_launch(1, args + ["--resume_from_checkpoint", "auto"]))
+    assert "resumed from" in p.stderr and "at step 2" in p.stderr
+    got, want = _adapter_tensors(out), _adapter_tensors(ref_out)
+    assert got.keys() == want.keys()
+    # Same batches, RNG and optimizer state: equal up to float round-off (documented in train.py).
+    diff = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert diff < 1e-5, diff
+    assert any(float(want[k].abs().max()) > 0 for k in want if "lora_B" in k)
+    del torch
+
+
+def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(env):
+    root, data, model = env
+    out = root / "sigterm"
+    args = _args(model, data, out, max_steps=3, save_steps=0, report_to="none")
+    proc = subprocess.Popen([str(PY), "-m", "riskva_core.train", *args], cwd=REPO, env=_env(**{PAUSE_ENV: 1}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "debug" / "paused-rank0", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stop requested" in err
+    state = json.loads((out / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["step"] == 1
+    assert not (out / "adapter").exists()
+
+    # Resume in-process (the Dagster path): a reporter sees metrics and the final metadata.
+    class Rec:
+        def __init__(self):
+            self.logs, self.metrics, self.final = [], [], None
+
+        def log(self, msg):
+            self.logs.append(msg)
+
+        def report_metrics(self, step, metrics):
+            self.metrics.append(step)
+
+        def report_final(self, metadata):
+            self.final = metadata
+
+    rec = Rec()
+    cfg = config_from_args(args + ["--resume_from_checkpoint", "auto"])
+    result = train(cfg, reporter=rec)
+    assert result["step"] == 3 and rec.metrics == [2, 3]
+    assert rec.final["dataset_fingerprint"] and rec.final["pixel_budget"]["max_pixels"] == 3136
+    assert any("resumed from" in m for m in rec.logs)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_lora_targets_only_the_language_model_and_counts_parameters(env):
+    from riskva_core.model.loading import load_model
+
+    _, data, model_dir = env
+    base = load_model(model_dir)
+    cfg = TrainConfig(model_name_or_path=str(model_dir), dataset_path=data, output_dir=Path("unused"), lora_r=4,
+                      lora_alpha=8)
+    model = apply_trainable(load_model(model_dir), cfg)
+    lora_names = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert lora_names and not [n for n in lora_names if "visual" in n]
+    trainable, total = count_parameters(model)
+    tc = base.config.text_config
+    head_dim = tc.hidden_size // tc.num_attention_heads
+    dims = {"q_proj": (tc.hidden_size, tc.num_attention_heads * head_dim),
+            "k_proj": (tc.hidden_size, tc.num_key_value_heads * head_dim),
+            "v_proj": (tc.hidden_size, tc.num_key_value_heads * head_dim),
+            "o_proj": (tc.num_attention_heads * head_dim, tc.hidden_size),
+            "gate_proj": (tc.hidden_size, tc.intermediate_size), "up_proj": (tc.hidden_size, tc.intermediate_size),
+            "down_proj": (tc.intermediate_size, tc.hidden_size)}
+    expected = tc.num_hidden_layers * sum(4 * (i + o) for i, o in dims.values())
+    assert trainable == expected
+
+    cfg2 = TrainConfig(model_name_or_path=str(model_dir), dataset_path=data, output_dir=Path("unused"), lora_r=4,
+                       lora_alpha=8, tune_merger=True, train_lm_head=True)
+    trainable2, _ = count_parameters(apply_trainable(load_model(model_dir), cfg2))
+    merger = sum(p.numel() for p in base.model.visual.merger.parameters())
+    assert trainable2 == expected + merger + base.lm_head.weight.numel()
+
+    cfg3 = TrainConfig(model_name_or_path=str(model_dir), dataset_path=data, output_dir=Path("unused"), lora_r=4,
+                       lora_alpha=8, tune_vision=True)
+    names3 = [n for n, _ in apply_trainable(load_model(model_dir), cfg3).named_parameters() if "lora_" in n]
+    assert any("visual.blocks" in n for n in names3)
+
+
+def test_merger_lr_puts_the_merger_in_its_own_scaled_groups(env):
+    from riskva_core.model.loading import load_model
+
+    _, data, model_dir = env
+    common = dict(model_name_or_path=str(model_dir), dataset_path=data, output_dir=Path("unused"), lora_r=4,
+                  lora_alpha=8, tune_merger=True, train_lm_head=True, learning_rate=2e-3, weight_decay=0.1)
+    model = apply_trainable(load_model(model_dir), TrainConfig(**common, merger_lr=1e-2))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, TrainConfig(**common, merger_lr=1e-2))
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)  # each exactly once
+    for g in groups:
+        merger = {".visual.merger." in f".{names[id(p)]}" for p in g["params"]}
+        assert len(merger) == 1  # a group never mixes merger and other weights
+        assert g["lr_scale"] == (pytest.approx(5.0) if merger.pop() else 1.0)
+        assert g["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
+    assert {round(g["lr_scale"], 6) for g in groups} == {1.0, 5.0}  # both kinds exist
+    assert {g["lr_scale"] for g in param_groups(model, TrainConfig(**common))} == {1.0}
+
+
+def test_flags_help_and_validation(env):
+    _, data, model = env
+    text = build_parser().format_help()
+    for name in HELP:
+        assert f"--{name}" in text
+    base = ["--model_name_or_path", str(model), "--dataset_path", str(data), "--output_dir", "o"]
+    assert config_from_args(base + ["--use_lora", "False"]).use_lora is False
+    assert config_from_args(base + ["--use_lora", "True", "--bf16"]).bf16 is True
+    with pytest.raises(RiskvaError, match="lora_target_modules"):
+        config_from_args(base + ["--lora_target_modules", "q_proj,qkv"])
+    with pytest.raises(RiskvaError, match="min_pixels"):
+        config_from_args(base + ["--min_pixels", "5000", "--max_pixels", "4000"])
+    with pytest.raises(RiskvaError, match="max_steps"):
+        config_from_args(base + ["--num_train_epochs", "0"])
+    assert config_from_args(base + ["--merger_lr", "1e-2", "--tune_merger"]).merger_lr == 1e-2
+    with pytest.raises(RiskvaError, match="merger_lr"):
+        config_from_args(base + ["--merger_lr", "0"])
+    with pytest.raises(RiskvaError, match="--merger_lr needs --tune_merger"):
+        config_from_args(base + ["--merger_lr", "1e-2", "--tune_merger", "False"])
