@@ -44,7 +44,7 @@ RAW_COLUMN_SCHEMA = dg.TableSchema(
             "when the rejected fraction exceeds max_reject_ratio",
         )
     ],
-    description="The raw CSV of a dataset version, validated with pandera (riskva_core.validate): "
+    description="The raw CSV of a dataset version, validated with pandera (riskva_core.data.validate): "
     "columns, levels, image paths and decodability. Rejected rows are listed in the metadata.",
 )
 def raw_metadata(
@@ -174,7 +174,7 @@ _prepare_kwargs: dict[str, Any] = dict(
 
 
 @dg.asset(kinds={"json"}, description="Prepared SFT dataset as JSONL + normalised JPEGs "
-          "(riskva_core.prepare; layout in riskva_core/samples.py).", **_prepare_kwargs)
+          "(riskva_core.data.prepare; layout in riskva_core/data/samples.py).", **_prepare_kwargs)
 def sft_jsonl(context: dg.AssetExecutionContext, config: PrepareAssetConfig,
               paths: DataRootResource) -> dg.MaterializeResult:
     return _prepare(context, config, paths, "jsonl")

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["DAGSTER_HOME"] = str(prepare_dagster_home(root))
     # The demo answers "what is visible" first (缺陷描述, 风险等级, then 风险, 建议): with the
     # seed's order the invisible location that opens 风险 decides the phrase, and a tiny model
-    # learns little from the image (see riskva_core/recipes.py). The seed order stays the default.
+    # learns little from the image (see docs/recipes.md). The seed order stays the default.
     os.environ.setdefault("RISKVA_PROMPT_CONFIG", str(REPO_ROOT / "configs" / "prompt_observe_first.json"))
     import dagster as dg
 

@@ -151,7 +151,7 @@ def lineage_command(command: list[str]) -> str:
     kinds={"pytorch", "safetensors"},
     code_version=CODE_VERSION,
     deps=["lora_adapter", "base_model"],
-    description="Base model with the LoRA adapter merged in (riskva_core.merge), with the equivalence "
+    description="Base model with the LoRA adapter merged in (riskva_core.model.merge), with the equivalence "
     "report: merged and base+adapter give the same logits on probe inputs.",
 )
 def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,

@@ -48,7 +48,7 @@ def adapter_version(adapter_dir: Path) -> str | None:
 
 
 class PipesReporter:
-    """riskva_core.train.Reporter → Dagster Pipes (rank 0 only)."""
+    """riskva_core.train.sft.Reporter → Dagster Pipes (rank 0 only)."""
 
     def __init__(self, pipes: Any):
         self.pipes = pipes

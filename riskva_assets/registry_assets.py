@@ -97,14 +97,14 @@ def _registered_version(context: dg.AssetExecutionContext) -> str:
     deps=["registered_model", "sft_parquet"],
     retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
     description="Batch inference of the registered challenger (models:/riskva/<version registered for this "
-    "partition>, i.e. @challenger when it is the newest) on the test split, scored by riskva_core.evaluate: "
+    "partition>, i.e. @challenger when it is the newest) on the test split, scored by riskva_core.evaluate.report: "
     "report.json/.md/.html. Headline metrics are also logged on the model version.",
 )
 def evaluation_report(context: dg.AssetExecutionContext, paths: DataRootResource,
                       mlflow: MlflowResource) -> dg.MaterializeResult:
     from riskva_core.evaluate.report import evaluate
     from riskva_core.registry.promotion import headline
-    from riskva_core.registry.pyfunc import predict_split
+    from riskva_core.evaluate.predict import predict_split
 
     root = paths.layout()
     version = context.partition_key
@@ -172,7 +172,7 @@ class PromotionConfig(dg.Config):
 def champion_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, paths: DataRootResource,
                        mlflow: MlflowResource) -> dg.MaterializeResult:
     from riskva_core.registry import promotion
-    from riskva_core.registry.pyfunc import predict_split
+    from riskva_core.evaluate.predict import predict_split
 
     root = paths.layout()
     version = context.partition_key

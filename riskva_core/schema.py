@@ -20,6 +20,11 @@ LEVELS: tuple[str, ...] = ("轻微", "中等", "严重")
 LEVEL_INVALID = "INVALID"
 LEVEL_RANK = {lvl: i for i, lvl in enumerate(LEVELS)}
 
+# The served model's table contract (MLflow pyfunc): image bytes in, the report out.
+# Evaluation scores registered models through the same columns it serves.
+INPUT_COLUMN = "image"
+OUTPUT_COLUMNS: tuple[str, ...] = (*FIELDS, "raw_output", "parse_ok")
+
 # The seed's raw CSV columns, in the seed's order.
 CSV_COLUMNS: tuple[str, ...] = (
     "image_id",

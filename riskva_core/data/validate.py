@@ -23,15 +23,10 @@ Exit codes: 0 passed; 3 rejected fraction above --max_reject_ratio (report still
 from __future__ import annotations
 
 import argparse
-import codecs
 import dataclasses
-import hashlib
-import io
 import multiprocessing
 import os
-import re
 import sys
-import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -44,26 +39,21 @@ from tqdm import tqdm
 
 from riskva_core import atomic
 from riskva_core.errors import RiskvaError
+from riskva_core.data.raw_csv import LEVEL_COLUMN, normalise_frame, read_raw_csv
 from riskva_core.data.images import DEFAULT_MAX_IMAGE_PIXELS, EncodeSpec, ImagePathError, ImageReport, inspect_image, resolve_image_path
 from riskva_core.schema import (
     CSV_COLUMNS,
     FIELD_ADVICE,
     FIELD_DESC,
-    FIELD_LEVEL,
     FIELD_RISK,
     FIELD_TO_COLUMN,
     FIELDS,
     LEVELS,
-    REQUIRED_COLUMNS,
-    normalize_level,
-    normalize_text,
 )
 
 REPORT_JSON = "validation_report.json"
 REPORT_MD = "validation_report.md"
 EXIT_TOO_MANY_REJECTS = 3
-LEVEL_COLUMN = FIELD_TO_COLUMN[FIELD_LEVEL]
-_FULLWIDTH_ALNUM = re.compile(r"[\uff10-\uff19\uff21-\uff3a\uff41-\uff5a]")
 
 
 class RawCsvSchema(pa.DataFrameModel):
@@ -101,100 +91,6 @@ class ValidationResult:
     records: list[ValidRecord]
     report: dict[str, Any]
     passed: bool
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def decode_csv_bytes(raw: bytes, name: str) -> tuple[str, str]:
-    """(text, encoding): BOMs first, then strict UTF-8, then strict GB18030 (a superset of GBK)."""
-    if raw.startswith(codecs.BOM_UTF8):
-        candidates = ["utf-8-sig"]
-    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        candidates = ["utf-16"]
-    else:
-        candidates = ["utf-8", "gb18030"]
-    for enc in candidates:
-        try:
-            return raw.decode(enc), enc
-        except UnicodeDecodeError:
-            continue
-    raise RiskvaError(f"{name}: cannot decode the CSV (tried {', '.join(candidates)}); save it as UTF-8")
-
-
-def read_raw_csv(csv_path: str | os.PathLike) -> tuple[pd.DataFrame, str, str]:
-    """(all-text DataFrame with normalised headers, encoding, sha256 of the file bytes)."""
-    p = Path(csv_path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise RiskvaError(f"--csv_path {p}: no such file") from None
-    except OSError as exc:
-        raise RiskvaError(f"--csv_path {p}: cannot read ({exc.strerror or exc})") from None
-    sha = hashlib.sha256(raw).hexdigest()
-    text, encoding = decode_csv_bytes(raw, str(p))
-    if not text.strip():
-        raise RiskvaError(f"{p}: empty CSV")
-    try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
-    except pd.errors.EmptyDataError:
-        raise RiskvaError(f"{p}: empty CSV") from None
-    except (pd.errors.ParserError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RiskvaError(f"{p}: malformed CSV ({first})") from None
-    headers = [normalize_text(str(c)) for c in df.columns]
-    dupes = sorted({h for h in headers if headers.count(h) > 1})
-    if dupes:
-        raise RiskvaError(f"{p}: duplicate column(s) {', '.join(dupes)}")
-    df.columns = headers
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise RiskvaError(f"{p}: missing required column(s) {', '.join(missing)} (found: {', '.join(headers)})")
-    if len(df) == 0:
-        raise RiskvaError(f"{p}: no data rows")
-    # Short rows come back as NaN even with na_filter off; a missing cell is an empty cell.
-    df = df.fillna("").astype(str).reset_index(drop=True)
-    return df, encoding, sha
-
-
-# --------------------------------------------------------------------------- normalising
-
-
-def normalise_prose(value: str) -> str:
-    """Strip outer whitespace; full-width ASCII letters/digits to ASCII; CJK punctuation kept."""
-    value = _FULLWIDTH_ALNUM.sub(lambda m: unicodedata.normalize("NFKC", m.group()), value)
-    return value.strip()
-
-
-def _normalise_cell(column: str, value: str) -> str:
-    if column == LEVEL_COLUMN:
-        return normalize_level(value) or normalize_text(value)
-    if column == "image_id":
-        return normalize_text(value)
-    if column == "image_path":
-        return value.strip()
-    return normalise_prose(value)
-
-
-def normalise_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """A copy with the CSV_COLUMNS normalised, and the list of changes (row, column, before, after)."""
-    out = df.copy()
-    changes: list[dict[str, Any]] = []
-    if "image_id" not in out.columns:
-        out.insert(0, "image_id", [str(i) for i in range(len(out))])
-    for column in CSV_COLUMNS:
-        values = out[column].tolist()
-        new_values = []
-        for row, before in enumerate(values):
-            after = _normalise_cell(column, before)
-            if column == "image_id" and not after:
-                after = str(row)  # an empty id is synthesised like a missing column
-            if after != before:
-                changes.append({"row": row, "column": column, "before": before, "after": after})
-            new_values.append(after)
-        out[column] = new_values
-    changes.sort(key=lambda c: (c["row"], CSV_COLUMNS.index(c["column"])))
-    return out, changes
 
 
 # --------------------------------------------------------------------------- checking

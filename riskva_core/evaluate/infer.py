@@ -8,7 +8,7 @@
 ``M`` is a merged model folder, a base model folder with ``--adapter_path`` (LoRA applied
 without merging), a LoRA adapter folder alone (its base comes from adapter_config.json), or an
 MLflow model URI (``models:/riskva@champion``, ``runs:/<id>/model``) whose pyfunc carries the
-merged model as the artifact ``model_dir`` (see pyfunc.py).
+merged model as the artifact ``model_dir`` (resolved by riskva_core.model.resolve).
 
 One code path for every caller: ``Generator`` loads the processor saved with the model (so
 images are resized exactly as in training), builds the prompt from the model's
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,66 +35,14 @@ from riskva_core.atomic import write_json
 from riskva_core.data.conversation import PromptTemplate
 from riskva_core.errors import RiskvaError
 from riskva_core.evaluate.parse import parse_answer
+from riskva_core.model.resolve import MLFLOW_SCHEMES, adapter_base, download_mlflow_model
 from riskva_core.schema import FIELDS
 
 PROMPT_TEMPLATE_FILE = "prompt_template.json"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 MAX_EXIT_FAILURES = 100
-MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 256
-
-
-# ---------------------------------------------------------------- model resolution
-
-def _download_mlflow_model(uri: str) -> tuple[Path, Path]:
-    """Download an MLflow model; return (merged model folder inside it, download folder)."""
-    import os
-
-    import mlflow
-    import yaml
-
-    from riskva_core.registry.pyfunc import ARTIFACT_MODEL_DIR
-
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        from riskva_core.paths import DataRoot
-
-        mlflow.set_tracking_uri(DataRoot.from_env().mlflow_tracking_uri)
-    dst = Path(tempfile.mkdtemp(prefix="riskva-model-"))
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    except Exception as exc:  # MlflowException, RestException, OSError…: all mean "cannot get it"
-        shutil.rmtree(dst, ignore_errors=True)
-        raise RiskvaError(f"--model_path {uri}: cannot download from MLflow ({str(exc).splitlines()[0]})") from None
-    if (local / "config.json").is_file():
-        return local, dst
-    rel = f"artifacts/{ARTIFACT_MODEL_DIR}"
-    mlmodel = local / "MLmodel"
-    if mlmodel.is_file():
-        meta = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
-        art = (((meta.get("flavors") or {}).get("python_function") or {}).get("artifacts") or {}).get(ARTIFACT_MODEL_DIR)
-        if isinstance(art, dict) and art.get("path"):
-            rel = art["path"]
-    model_dir = (local / rel).resolve()
-    if not model_dir.is_relative_to(local.resolve()) or not (model_dir / "config.json").is_file():
-        shutil.rmtree(dst, ignore_errors=True)
-        raise RiskvaError(f"--model_path {uri}: the MLflow model has no '{ARTIFACT_MODEL_DIR}' model folder")
-    return model_dir, dst
-
-
-def _adapter_base(adapter_dir: Path) -> str:
-    import json
-
-    from riskva_core.model.loading import ADAPTER_CONFIG
-
-    try:
-        cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RiskvaError(f"{adapter_dir / ADAPTER_CONFIG}: cannot read ({exc})") from None
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise RiskvaError(f"{adapter_dir}: adapter_config.json names no base model; pass it as --model_path")
-    return str(base)
 
 
 def load_prompt_template(*folders: str | Path | None) -> PromptTemplate:
@@ -135,10 +82,10 @@ class Generator:
         path = str(model_path)
         try:
             if path.startswith(MLFLOW_SCHEMES):
-                local, download = _download_mlflow_model(path)
+                local, download = download_mlflow_model(path)
                 path = str(local)
             if adapter_path is None and Path(path).is_dir() and is_adapter_dir(path):
-                adapter_path, path = path, _adapter_base(Path(path))
+                adapter_path, path = path, adapter_base(Path(path))
             if adapter_path is not None and not Path(adapter_path).is_dir():
                 raise RiskvaError(f"--adapter_path {adapter_path}: no such folder")
             # Training saves the processor (with its pixel budget) next to the adapter.

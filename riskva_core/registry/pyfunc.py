@@ -23,11 +23,9 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from riskva_core.schema import FIELDS
+from riskva_core.model.resolve import ARTIFACT_MODEL_DIR
+from riskva_core.schema import FIELDS, INPUT_COLUMN, OUTPUT_COLUMNS
 
-ARTIFACT_MODEL_DIR = "model_dir"
-INPUT_COLUMN = "image"
-OUTPUT_COLUMNS: tuple[str, ...] = (*FIELDS, "raw_output", "parse_ok")
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {"max_new_tokens": 256, "batch_size": 4}
 
 _CODE = (
@@ -139,38 +137,3 @@ class RiskvaModel(mlflow.pyfunc.PythonModel):
             texts = self._generator.generate(images[start : start + self._batch_size])
             rows.extend(parsed_row(t) for t in texts)
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
-
-
-def predict_split(model_uri: str, dataset_path: str | Path, split: str = "test") -> list[dict[str, Any]]:
-    """Batch inference of a registered model on a prepared split, as infer-style records.
-
-    Records carry ``id``, ``image_path``, ``raw_output``, ``parsed``, ``parse_ok`` and
-    ``ground_truth``: the shape riskva_core.evaluate scores.
-    """
-    from riskva_core.data.samples import read_samples
-
-    samples = read_samples(dataset_path, split)
-    if not samples:
-        from riskva_core.errors import RiskvaError
-
-        raise RiskvaError(f"{dataset_path}: the {split} split is empty; nothing to evaluate")
-    model = mlflow.pyfunc.load_model(model_uri)
-    frame = pd.DataFrame({INPUT_COLUMN: [_sample_bytes(s) for s in samples]})
-    out = model.predict(frame)
-    records = []
-    for sample, row in zip(samples, out.to_dict("records")):
-        records.append({
-            "id": sample.id,
-            "image_path": sample.image_path,
-            "raw_output": row["raw_output"],
-            "parsed": {f: (row[f] or None) for f in FIELDS},
-            "parse_ok": bool(row["parse_ok"]),
-            "ground_truth": dict(sample.fields),
-        })
-    return records
-
-
-def _sample_bytes(sample: Any) -> bytes:
-    if sample.image_bytes is not None:
-        return sample.image_bytes
-    return Path(sample.image_file).read_bytes()

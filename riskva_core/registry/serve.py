@@ -80,7 +80,7 @@ class ServeConfig:
 
 def request_payload(images: Sequence[bytes]) -> dict[str, Any]:
     """The JSON body for ``POST /invocations``: one row per image, base64 in column ``image``."""
-    from riskva_core.registry.pyfunc import INPUT_COLUMN
+    from riskva_core.schema import INPUT_COLUMN
 
     return {"dataframe_split": {"columns": [INPUT_COLUMN],
                                 "data": [[base64.b64encode(bytes(b)).decode("ascii")] for b in images]}}

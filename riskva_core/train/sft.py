@@ -20,13 +20,8 @@ CPU ranks with DeepSpeed (gloo; what the tests run):
     DS_ACCELERATOR=cpu accelerate launch --config_file configs/deepspeed_zero2.yaml \\
         --num_processes 2 -m riskva_core.train --model_name_or_path MODEL ...
 
-Output (rank 0 writes, atomically):
-    OUT/adapter/        adapter_model.safetensors (+ modules_to_save), adapter_config.json,
-                        the processor with the training pixel policy, prompt_template.json,
-                        training_args.json, metrics.json, dataset.json (fingerprint)
-    OUT/checkpoints/    checkpoint-STEP/: trainable weights (safetensors), optimizer state,
-                        trainer_state.json (step, RNG); resumable with --resume_from_checkpoint
-    OUT/runs/           TensorBoard event files
+Output (rank 0 writes, atomically): OUT/adapter/ (layout in riskva_core/train/outputs.py),
+OUT/checkpoints/checkpoint-STEP/ (resumable with --resume_from_checkpoint), OUT/runs/ (TensorBoard).
 
 Resuming: the data order is a pure function of (seed, epoch), so a resumed run skips the
 consumed micro-batches without loading them and continues with the same batches, RNG and
@@ -36,22 +31,19 @@ checks collectively after each optimizer step: all ranks save a checkpoint and e
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any, Protocol
 
-from riskva_core.atomic import atomic_dir, write_json
-from riskva_core.data.conversation import PromptTemplate
+from riskva_core.atomic import write_json
 from riskva_core.errors import RiskvaError
-from riskva_core.data.samples import detect_format, read_samples, split_file
+from riskva_core.data.samples import detect_format, read_samples
 from riskva_core.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from riskva_core.train.config import TrainConfig, config_from_args
+from riskva_core.train.outputs import dataset_fingerprint, prompt_template, write_adapter
 from riskva_core.train.trainable import apply_trainable, count_parameters, param_groups, params_digest, trainable_parameters
 
 DEBUG_HASH_ENV = "RISKVA_DEBUG_PARAM_HASH"      # each rank writes a hash of its trainable params
@@ -100,38 +92,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
         return cfg.learning_rate * (1.0 - progress)
     floor = 0.1 * cfg.learning_rate
     return floor + 0.5 * (cfg.learning_rate - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-def dataset_fingerprint(dataset_path: Path) -> str:
-    info = dataset_path / "dataset_info.json" if dataset_path.is_dir() else None
-    if info is not None and info.is_file():
-        try:
-            fp = json.loads(info.read_text(encoding="utf-8")).get("fingerprint")
-            if fp:
-                return str(fp)
-        except json.JSONDecodeError:
-            pass
-    h = hashlib.sha256()
-    with split_file(dataset_path, "train").open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def prompt_template(cfg: TrainConfig) -> tuple[PromptTemplate | None, dict | None]:
-    """(template to rebuild conversations with or None, template dict to save with the adapter)."""
-    if cfg.prompt_config is not None:
-        t = PromptTemplate.load(cfg.prompt_config)
-        return t, t.to_dict()
-    info = cfg.dataset_path / "dataset_info.json" if cfg.dataset_path.is_dir() else None
-    if info is not None and info.is_file():
-        try:
-            saved = json.loads(info.read_text(encoding="utf-8")).get("prompt_template")
-        except json.JSONDecodeError:
-            saved = None
-        if isinstance(saved, dict):
-            return None, saved
-    return None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,40 +435,8 @@ def evaluate_loss(accelerator, model, dataset, collate, micro: int) -> float:
     return float(total[0] / total[1].clamp(min=1))
 
 
-def write_adapter(cfg: TrainConfig, model, processor, template_dict, final: dict, history: list[dict],
-                  state_dict=None) -> Path:
-    """OUT/adapter: weights (safetensors), processor with pixel policy, args, metrics, dataset id."""
-    from riskva_core.model.loading import pixel_budget, save_processor
-
-    target = cfg.output_dir / ("adapter" if cfg.use_lora else "model")
-    budget = pixel_budget(processor)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-        save_processor(processor, tmp)
-        if template_dict is not None:
-            write_json(tmp / "prompt_template.json", template_dict)
-        write_json(tmp / "training_args.json", {**cfg.to_dict(), "pixel_budget": budget,
-                                                "world_size": final["world_size"]})
-        write_json(tmp / "metrics.json", {"final": final, "history": history})
-        samples_fmt = detect_format(cfg.dataset_path)
-        write_json(tmp / "dataset.json", {"dataset_path": str(cfg.dataset_path), "format": samples_fmt,
-                                          "fingerprint": dataset_fingerprint(cfg.dataset_path),
-                                          "train_samples": final["train_samples"],
-                                          "dropped_over_max_length": final["dropped_over_max_length"]})
-    return target
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(argv, description=__doc__)
     result = train(cfg)
     return 0 if result.get("step") else 1
 
-
-if __name__ == "__main__":
-    from riskva_core.errors import RiskvaError as _E
-
-    try:
-        raise SystemExit(main())
-    except _E as exc:
-        print(f"riskva train: error: {exc}", file=sys.stderr)
-        raise SystemExit(exc.exit_code)

@@ -10,7 +10,8 @@ from PIL import Image
 from conftest import image_bytes, row, textured_image, write_csv
 from riskva_core import cli
 from riskva_core.errors import RiskvaError
-from riskva_core.data.validate import REPORT_JSON, REPORT_MD, normalise_frame, normalise_prose, schema_failures, validate
+from riskva_core.data.raw_csv import normalise_frame, normalise_prose
+from riskva_core.data.validate import REPORT_JSON, REPORT_MD, schema_failures, validate
 
 LEVEL = "data_风险等级"
 
