@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from riskva_core.data.conversation import PromptTemplate
+from riskva_core.data.conversation import PromptTemplate, to_plain
 from riskva_core.schema import FIELDS, LEVELS
 
 _KINDS = (
@@ -73,7 +73,8 @@ def make_prepared_dataset(dir: str | Path, n: int = 20, image_size: int = 64) ->
             "image_id": str(i),
             "image_path": f"raw/{i:04d}.jpg",
             "image": rel,
-            "messages": template.messages(rel, fields),
+            "images": [str((out / rel).resolve())],
+            "messages": to_plain(template.messages(None, fields)),
             **{f: fields[f] for f in FIELDS},
             "extra": {},
         }
@@ -93,7 +94,7 @@ def make_prepared_dataset(dir: str | Path, n: int = 20, image_size: int = 64) ->
 
 
 def make_parquet_twin(jsonl_dir: str | Path, out_dir: str | Path) -> Path:
-    """The same prepared samples as Parquet (image struct{bytes,path}, messages as JSON)."""
+    """The same prepared samples as Parquet (image struct{bytes,path}, messages as a list)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -103,14 +104,10 @@ def make_parquet_twin(jsonl_dir: str | Path, out_dir: str | Path) -> Path:
         rows = []
         for line in (src / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
-            messages = json.loads(json.dumps(r["messages"]))
-            for m in messages:  # Parquet carries the bytes, so the image item has no path
-                for c in m["content"]:
-                    c.pop("image", None)
             rows.append({
                 **{k: r[k] for k in ("id", "image_id", "image_path", *FIELDS)},
                 "image": {"bytes": (src / r["image"]).read_bytes(), "path": r["image"]},
-                "messages": json.dumps(messages, ensure_ascii=False),
+                "messages": r["messages"],
                 "extra": json.dumps(r.get("extra") or {}),
             })
         pq.write_table(pa.Table.from_pylist(rows), out / f"{split}.parquet")

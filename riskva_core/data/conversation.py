@@ -5,6 +5,11 @@ fields (the seed's FAQ asks for this) with ``--prompt_config FILE.json`` and no
 code change. The same template object is used by prepare, training and inference,
 so a model is always asked exactly what it was trained on; the template actually
 used is saved next to the prepared data and the trained model.
+
+Stored samples use the plain-string message form that ms-swift and LLaMA-Factory read as they
+are (every ``content`` a string; the image as an ``<image>`` tag at the start of the user
+text); RisKVA's reader turns it back into Qwen2.5-VL content lists (``from_plain``), which the
+chat template renders to the same tokens.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from typing import Any, Mapping
 
 from riskva_core.errors import RiskvaError
 from riskva_core.schema import FIELDS
+
+IMAGE_TAG = "<image>"
 
 DEFAULT_SYSTEM_PROMPT = (
     "你是一名资深的建筑工程质量安全检查专家，熟悉《建筑工程施工质量验收统一标准》等规范。"
@@ -47,6 +54,11 @@ class PromptTemplate:
             raise RiskvaError(
                 f"answer_template must reference every report field; missing {sorted(missing)}"
             )
+        for name in ("system_prompt", "instruction", "answer_template"):
+            if IMAGE_TAG in getattr(self, name):
+                # The stored plain-string form marks the image with this tag; a literal one in
+                # the prompt would be read back as a second image.
+                raise RiskvaError(f"prompt template {name} may not contain {IMAGE_TAG!r}")
 
     @classmethod
     def load(cls, path: str | Path | None) -> "PromptTemplate":
@@ -87,3 +99,31 @@ class PromptTemplate:
         if fields is not None:
             msgs.append({"role": "assistant", "content": [{"type": "text", "text": self.answer(fields)}]})
         return msgs
+
+
+def to_plain(messages: list[dict]) -> list[dict[str, str]]:
+    """Content lists → plain strings, each image item as an ``<image>`` tag in its place."""
+    plain = []
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = "".join(IMAGE_TAG if item.get("type") == "image" else item.get("text", "") for item in content)
+        plain.append({"role": message["role"], "content": content})
+    return plain
+
+
+def from_plain(messages: list[dict]) -> list[dict]:
+    """The inverse of ``to_plain``: plain strings → Qwen2.5-VL content lists; lists pass through."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            items: list[dict[str, Any]] = []
+            for i, text in enumerate(content.split(IMAGE_TAG)):
+                if i:
+                    items.append({"type": "image"})
+                if text:
+                    items.append({"type": "text", "text": text})
+            content = items
+        out.append({"role": message["role"], "content": content})
+    return out

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from riskva_core import atomic
-from riskva_core.data.conversation import PromptTemplate
+from riskva_core.data.conversation import PromptTemplate, to_plain
 from riskva_core.errors import RiskvaError
 from riskva_core.data.images import DEFAULT_MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, EncodeSpec
 from riskva_core.data.samples import FORMATS, SCHEMA_VERSION, SPLITS
@@ -111,8 +111,8 @@ def _rows(records: list[ValidRecord], template: PromptTemplate) -> list[dict[str
             "image_path": rec.image_path,
             "image": rec.image.encoded_name,
             # No image path inside messages: the reader attaches pixels, and JSONL and
-            # Parquet samples stay identical.
-            "messages": template.messages(None, rec.fields),
+            # Parquet samples stay identical. Plain strings so other trainers read it as is.
+            "messages": to_plain(template.messages(None, rec.fields)),
         }
         row.update(rec.fields)
         row["extra"] = dict(sorted(rec.extra.items()))
@@ -120,10 +120,13 @@ def _rows(records: list[ValidRecord], template: PromptTemplate) -> list[dict[str
     return rows
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_jsonl(path: Path, rows: list[dict[str, Any]], final_dir: Path) -> None:
+    """``final_dir`` is where the folder will live after the atomic rename: ms-swift resolves
+    image paths from its working folder, so the ``images`` column must be absolute."""
     lines = []
     for row in rows:
-        line = dict(row, image=f"{IMAGES_DIR}/{row['image']}")
+        rel = f"{IMAGES_DIR}/{row['image']}"
+        line = dict(row, image=rel, images=[str(final_dir / rel)])
         lines.append(json.dumps(line, ensure_ascii=False) + "\n")
     atomic.write_text(path, "".join(lines))
 
@@ -136,7 +139,7 @@ def _arrow_schema(metadata: dict[str, str]):
         pa.field("image_id", pa.string()),
         pa.field("image_path", pa.string()),
         pa.field("image", pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])),
-        pa.field("messages", pa.string()),
+        pa.field("messages", pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))),
         *[pa.field(f, pa.string()) for f in FIELDS],
         pa.field("extra", pa.string()),
     ]
@@ -146,10 +149,22 @@ def _arrow_schema(metadata: dict[str, str]):
 def _hf_features() -> str:
     """Lets Hugging Face ``datasets`` load the files with the image column typed as Image."""
     value = {"dtype": "string", "_type": "Value"}
-    features = {"id": value, "image_id": value, "image_path": value, "image": {"_type": "Image"}, "messages": value}
+    message = {"role": value, "content": value}
+    features = {"id": value, "image_id": value, "image_path": value, "image": {"_type": "Image"},
+                "messages": {"_type": "List", "feature": message}}
     features.update({f: value for f in FIELDS})
     features["extra"] = value
     return json.dumps({"info": {"features": features}}, ensure_ascii=False, sort_keys=True)
+
+
+def _llamafactory_entry(split: str, fmt: str) -> dict[str, Any]:
+    return {
+        "file_name": f"{split}.{fmt}",
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images" if fmt == "jsonl" else "image"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                 "assistant_tag": "assistant", "system_tag": "system"},
+    }
 
 
 def _batches(rows: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -180,7 +195,6 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]], staging: Path, metada
                         dict(
                             row,
                             image={"bytes": (staging / row["image"]).read_bytes(), "path": row["image"]},
-                            messages=json.dumps(row["messages"], ensure_ascii=False),
                             extra=json.dumps(row["extra"], ensure_ascii=False, sort_keys=True),
                         )
                         for row in batch
@@ -212,7 +226,7 @@ def _write_dataset(cfg: PrepareConfig, tmp: Path, staging: Path, records: list[V
     for split in SPLITS:
         name = f"{split}.{cfg.format}"
         if cfg.format == "jsonl":
-            _write_jsonl(tmp / name, by_split[split])
+            _write_jsonl(tmp / name, by_split[split], Path(cfg.output_path).resolve())
         else:
             _write_parquet(tmp / name, by_split[split], staging, metadata, cfg.row_group_size)
         files[name] = _sha256_file(tmp / name)
@@ -259,6 +273,9 @@ def _write_dataset(cfg: PrepareConfig, tmp: Path, staging: Path, records: list[V
         "prepare_config": cfg.recorded(),
         "prompt_template": template.to_dict(),
         "seed": cfg.seed,
+        # LLaMA-Factory looks datasets up by name in <dataset_dir>/dataset_info.json; these
+        # entries let it train on this folder as it is (see README, "Other trainers").
+        **{f"riskva_{s}": _llamafactory_entry(s, cfg.format) for s in SPLITS},
     }
     atomic.write_json(tmp / DATASET_INFO, info)
     return info

@@ -12,9 +12,13 @@ JSONL line / Parquet row columns:
     id            stable sample id (content hash of image + fields)
     image_id      source CSV image_id
     image_path    source CSV image_path (relative to the raw dataset root)
-    image         JSONL: relative path str; Parquet: struct{bytes: binary, path: string}
-                  (the Hugging Face ``datasets`` Image layout); a legacy base64 string is accepted
-    messages      the conversation (see conversation.py); Parquet stores it as a JSON string
+    image         JSONL: path relative to OUT (what RisKVA reads); Parquet: struct{bytes: binary,
+                  path: string} (the Hugging Face ``datasets`` Image layout); legacy base64 accepted
+    images        JSONL only: [absolute path of the same file], the column ms-swift and
+                  LLaMA-Factory read (ms-swift resolves image paths from its working folder only)
+    messages      the conversation as [{role, content: str}], the image as an ``<image>`` tag
+                  (conversation.to_plain); Parquet: list<struct<role, content>>. Samples carry it
+                  back as content lists (conversation.from_plain); schema 1's forms still read
     风险, 风险等级, 纠正和预防建议, 缺陷描述   ground truth as plain columns
     extra         JSON object of pass-through CSV columns (Parquet: JSON string)
 
@@ -32,12 +36,14 @@ from typing import Any, Iterator
 
 from PIL import Image
 
+from riskva_core.data.conversation import from_plain
 from riskva_core.errors import RiskvaError
 from riskva_core.schema import FIELDS
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 FORMATS: tuple[str, ...] = ("jsonl", "parquet")
-SCHEMA_VERSION = 1
+# 2: plain-string messages with <image> tags, JSONL `images` column, Parquet messages as a list.
+SCHEMA_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +173,7 @@ def _read_jsonl(path: Path, split: str | None) -> Iterator[Sample]:
                 image_id=str(row.get("image_id", "")),
                 image_path=str(row.get("image_path", image_ref)),
                 fields=_fields(row),
-                messages=row.get("messages") or [],
+                messages=from_plain(row.get("messages") or []),
                 image_file=image_file,
                 split=split,
                 extra=row.get("extra") or {},
@@ -210,7 +216,7 @@ def _read_parquet(path: Path, split: str | None) -> Iterator[Sample]:
             image_id=str(row.get("image_id", "")),
             image_path=str(row.get("image_path", "")),
             fields=_fields(row),
-            messages=messages or [],
+            messages=from_plain(messages or []),
             image_bytes=_image_bytes(row["image"], where),
             split=split,
             extra=extra or {},

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from riskva_core.data.conversation import PromptTemplate
+from riskva_core.data.conversation import PromptTemplate, from_plain, to_plain
 from riskva_core.errors import RiskvaError
 
 FIELDS = {"风险": "墙体发霉", "风险等级": "轻微", "纠正和预防建议": "补刷防水涂料", "缺陷描述": "墙面防水涂料透底"}
@@ -39,3 +39,14 @@ def test_prompt_config_loads_and_validates(tmp_path):
     cfg.write_text(json.dumps({"bogus": 1}), "utf-8")
     with pytest.raises(RiskvaError, match="unknown keys"):
         PromptTemplate.load(cfg)
+
+
+def test_plain_form_round_trips_and_a_literal_image_tag_is_refused():
+    t = PromptTemplate()
+    full = t.messages(None, {f: f"v{f}" for f in FIELDS})
+    plain = to_plain(full)
+    assert all(isinstance(m["content"], str) for m in plain)
+    assert plain[1]["content"] == "<image>" + t.instruction
+    assert from_plain(plain) == full and from_plain(full) == full
+    with pytest.raises(RiskvaError, match="<image>"):
+        PromptTemplate(instruction="看图 <image>")

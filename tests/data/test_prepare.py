@@ -82,7 +82,7 @@ def test_parquet_layout_schema_and_metadata(dataset, tmp_path):
     pf = pq.ParquetFile(out / "train.parquet")
     schema = pf.schema_arrow
     assert str(schema.field("image").type) == "struct<bytes: binary, path: string>"
-    assert str(schema.field("messages").type) == "string"
+    assert str(schema.field("messages").type) == "list<element: struct<role: string, content: string>>"
     meta = {k.decode(): v.decode() for k, v in schema.metadata.items()}
     assert meta["riskva.schema_version"] == str(SCHEMA_VERSION)
     assert meta["riskva.source_csv_sha256"] == info["source_csv_sha256"]
@@ -154,12 +154,20 @@ def test_round_trip_pixels_and_text(make_raw_dataset, tmp_path):
 
 
 def test_byte_identical_outputs_across_runs(dataset, tmp_path):
+    import shutil
+
     for fmt in ("jsonl", "parquet"):
-        a, b = tmp_path / f"{fmt}_a", tmp_path / f"{fmt}_b"
+        a = tmp_path / f"{fmt}_a"
         prepare(_cfg(dataset, a, format=fmt, num_workers=1))
-        prepare(_cfg(dataset, b, format=fmt, num_workers=2))
-        assert _file_hashes(a) == _file_hashes(b)
-        assert len(_file_hashes(a)) >= 7
+        first = _file_hashes(a)
+        shutil.rmtree(a)
+        prepare(_cfg(dataset, a, format=fmt, num_workers=2))
+        assert _file_hashes(a) == first and len(first) >= 7
+    # Parquet embeds the images, so it is identical wherever it is written; JSONL names its
+    # images by absolute path (what ms-swift needs), so only its `images` column moves with it.
+    b = tmp_path / "parquet_b"
+    prepare(_cfg(dataset, b, format="parquet", num_workers=2))
+    assert _file_hashes(b) == _file_hashes(tmp_path / "parquet_a")
 
 
 def test_prompt_config_is_used_and_saved(dataset, tmp_path):
@@ -215,3 +223,36 @@ def test_cli_missing_flags_is_one_line(capsys):
     assert cli.main(["prepare", "--csv_path", "x.csv"]) == 2
     err = capsys.readouterr().err
     assert err == "riskva prepare: error: missing required flag(s) --image_base_path, --output_path\n"
+
+
+def test_prepared_files_are_what_ms_swift_and_llamafactory_read_as_they_are(dataset, tmp_path):
+    """The format invariants that let ms-swift (4.6) and LLaMA-Factory (0.9.5) train on a prepared
+    folder with no conversion (checked once against both tools; see README "Other trainers"):
+    plain-string contents, one ``<image>`` tag leading the user turn, an absolute ``images`` path in
+    JSONL, a list-typed ``messages`` column in Parquet, and LLaMA-Factory entries in dataset_info."""
+    import pyarrow.parquet as pq
+
+    out_js, out_pq = tmp_path / "js", tmp_path / "pq"
+    prepare(_cfg(dataset, out_js, format="jsonl"))
+    prepare(_cfg(dataset, out_pq, format="parquet"))
+    for fmt, out in (("jsonl", out_js), ("parquet", out_pq)):
+        info = json.loads((out / "dataset_info.json").read_text(encoding="utf-8"))
+        for split in SPLITS:
+            entry = info[f"riskva_{split}"]
+            assert entry["formatting"] == "sharegpt" and (out / entry["file_name"]).is_file()
+            rows = ([json.loads(line) for line in (out / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+                    if fmt == "jsonl" else pq.read_table(out / f"{split}.parquet").to_pylist())
+            assert rows
+            for row in rows:
+                roles = [m["role"] for m in row["messages"]]
+                assert roles == ["system", "user", "assistant"]
+                assert all(isinstance(m["content"], str) for m in row["messages"])
+                text = "".join(m["content"] for m in row["messages"])
+                assert text.count("<image>") == 1 and row["messages"][1]["content"].startswith("<image>")
+                assert row[entry["columns"]["images"]]
+                if fmt == "jsonl":
+                    (path,) = row["images"]
+                    assert Path(path).is_absolute() and Path(path).read_bytes() == (out / row["image"]).read_bytes()
+    # RisKVA reads them back as the Qwen2.5-VL content lists the template builds.
+    sample = read_samples(out_js, "train")[0]
+    assert sample.messages == PromptTemplate().messages(None, sample.fields)
