@@ -37,6 +37,8 @@ import time
 import uuid
 from typing import Any
 
+from fastapi import Request  # at module level: FastAPI resolves the handler's string annotations here
+
 from riskva_core.errors import RiskvaError
 from riskva_core.schema import FIELDS, INPUT_COLUMN
 
@@ -110,14 +112,14 @@ def completion(model_name: str, row: dict[str, Any]) -> dict[str, Any]:
         "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
                      "message": {"role": "assistant", "content": row["raw_output"]}}],
         "riskva": {"parsed": {f: row[f] or None for f in FIELDS}, "parse_ok": bool(row["parse_ok"]),
-                   "error": row.get("error")},
+                   "error": row.get("error") or None},
     }
 
 
 def create_app(model: Any, model_name: str, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
     """The FastAPI app around a loaded pyfunc (``mlflow.pyfunc.load_model``)."""
     import pandas as pd
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from mlflow.exceptions import MlflowException
     from starlette.concurrency import run_in_threadpool
 

@@ -4,7 +4,7 @@ Input: a DataFrame with one column ``image`` holding JPEG/PNG bytes (or base64
 text; the MLflow scoring server already base64-decodes ``binary`` columns, so an
 HTTP client sends base64 in ``dataframe_split``/``inputs``).
 Output: one row per image with the four report fields, ``raw_output`` (what the
-model wrote), ``parse_ok`` (whether all four fields were found) and ``error`` (null, or
+model wrote), ``parse_ok`` (whether all four fields were found) and ``error`` (empty, or
 ``"row N: reason"`` for a row that could not be answered).
 
 Each row goes through the model's image policy (``Generator.load_image``: EXIF, RGB,
@@ -177,5 +177,5 @@ def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {f: record["parsed"].get(f) or "" for f in FIELDS}
     row["raw_output"] = record["raw_output"] or ""
     row["parse_ok"] = bool(record["parse_ok"])
-    row["error"] = record.get("error")
+    row["error"] = record.get("error") or ""  # a string column: MLflow would serve a null as NaN
     return row

@@ -17,7 +17,7 @@ Request (the pyfunc's input, see pyfunc.py): one column ``image`` of base64 JPEG
       -d "{\\"dataframe_split\\": {\\"columns\\": [\\"image\\"], \\"data\\": [[\\"$(base64 -w0 photo.jpg)\\"]]}}"
 
 Response: ``{"predictions": [{"风险": …, "风险等级": …, "纠正和预防建议": …, "缺陷描述": …,
-"raw_output": …, "parse_ok": true, "error": null}]}``. A bad row gets its ``error`` and the
+"raw_output": …, "parse_ok": true, "error": ""}]}``. A bad row gets its ``error`` and the
 others are answered; a request over a limit, or none of whose rows can be answered, is a 400
 naming the rows (pyfunc.py). The server keeps serving.
 
