@@ -157,6 +157,8 @@ def test_unset_alias_is_a_one_line_error_before_any_server_starts(registered):
 @pytest.mark.parametrize("flags, message", [
     (["--port", "0"], "--port must be 1..65535"),
     (["--workers", "0"], "--workers must be >= 1"),
+    (["--max_decoded_pixels", "0"], "--max_decoded_pixels must be >= 1"),
+    (["--api", "grpc"], "invalid choice: 'grpc'"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path):
     proc = subprocess.run([RISKVA, "serve", *flags], env=_env(tmp_path / "home"), capture_output=True,

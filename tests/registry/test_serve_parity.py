@@ -244,3 +244,21 @@ def test_load_200_requests_from_20_clients_mixed_valid_and_corrupt(world, server
     assert [s for ok, s, _ in results if not ok] == [400] * 50
     assert servers["openai_srv"].alive()
     assert requests.post(url, json=valid[0], timeout=120).status_code == 200
+
+
+def test_serve_limit_flags_override_the_registered_model_config(world, monkeypatch):
+    """`riskva serve --max_rows 1` reaches the pyfunc through MLflow's MLFLOW_PYFUNC_INFERENCE_CONFIG."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from riskva_core.registry.serve import ServeConfig, server_env
+
+    env = server_env(ServeConfig(max_rows=1, max_request_bytes=10_000_000, check_model=False))
+    monkeypatch.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", env["MLFLOW_PYFUNC_INFERENCE_CONFIG"])
+    world["reg"].activate()
+    model = mlflow.pyfunc.load_model("models:/riskva@champion")
+    with pytest.raises(MlflowException, match=r"2 rows, over the limit of 1 \(max_rows\)") as err:
+        model.predict(pd.DataFrame({"image": world["small"][:2]}))
+    assert err.value.get_http_status_code() == 400
+    assert model.predict(pd.DataFrame({"image": world["small"][:1]}))["error"].tolist() == [""]
