@@ -146,9 +146,11 @@ class RiskvaModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         from riskva_core.evaluate.infer import Item, run_items
 
+        values = input_values(model_input)
+        check_limits([None] * len(values), self.limits)  # the row count, before any base64 is decoded
         data: list[bytes | None] = []
         errors: dict[int, str] = {}
-        for row, value in enumerate(input_values(model_input)):
+        for row, value in enumerate(values):
             try:
                 data.append(_to_bytes(value, row))
             except RiskvaError as exc:
