@@ -23,7 +23,8 @@ LEVEL_RANK = {lvl: i for i, lvl in enumerate(LEVELS)}
 # The served model's table contract (MLflow pyfunc): image bytes in, the report out.
 # Evaluation scores registered models through the same columns it serves.
 INPUT_COLUMN = "image"
-OUTPUT_COLUMNS: tuple[str, ...] = (*FIELDS, "raw_output", "parse_ok")
+# ``error`` is "" for an answered row and names the row and the reason otherwise.
+OUTPUT_COLUMNS: tuple[str, ...] = (*FIELDS, "raw_output", "parse_ok", "error")
 
 # The seed's raw CSV columns, in the seed's order.
 CSV_COLUMNS: tuple[str, ...] = (

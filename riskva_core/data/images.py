@@ -123,7 +123,7 @@ def fit_size(size: tuple[int, int], max_size: tuple[int, int]) -> tuple[int, int
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """EXIF orientation applied, then 8-bit RGB; transparency is composited on white."""
-    if _orientation(img) != 1:  # exif_transpose copies even when there is nothing to do
+    if orientation(img) != 1:  # exif_transpose copies even when there is nothing to do
         img = ImageOps.exif_transpose(img)
     mode = img.mode
     if mode == "RGB":
@@ -146,6 +146,30 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def decode_fitted(img: Image.Image, max_size: tuple[int, int] | None) -> Image.Image:
+    """Decode an opened image to RGB, EXIF-oriented, fitted within ``max_size`` (None: as is).
+
+    The one decode path of ``prepare`` (then JPEG-encoded) and of the model's image policy
+    (data/image_policy.py, then JPEG round-tripped), so served pixels equal prepared ones.
+    """
+    orient = orientation(img)
+    size = _oriented(img.size, orient)
+    target = fit_size(size, max_size) if max_size is not None else size
+    if img.format == "JPEG" and target != size:
+        # libjpeg's DCT scaling: decode at the smallest 1/2^k scale still >= target.
+        img.draft(img.mode, _oriented(target, orient))
+    img.load()
+    rgb = to_rgb(img)
+    return rgb if rgb.size == target else rgb.resize(target, RESAMPLE)
+
+
+def decode_jpeg(data: bytes) -> Image.Image:
+    """Decode JPEG bytes this module wrote (trusted: sizes are already checked)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
 def encode_jpeg(img: Image.Image, quality: int) -> bytes:
     """Fixed encoder settings (no EXIF, baseline, 4:2:0, optimised Huffman): deterministic bytes."""
     buf = io.BytesIO()
@@ -157,7 +181,8 @@ def _oriented(size: tuple[int, int], orientation: int) -> tuple[int, int]:
     return (size[1], size[0]) if orientation in _SWAPPING_ORIENTATIONS else size
 
 
-def _orientation(img: Image.Image) -> int:
+def orientation(img: Image.Image) -> int:
+    """EXIF orientation tag (1 = upright; 1 also for a missing or malformed tag)."""
     try:
         value = img.getexif().get(0x0112, 1)
         return int(value) if value else 1
@@ -226,15 +251,9 @@ def inspect_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, encode:
         ext = p.suffix.lower()
         if EXTENSION_FORMATS.get(ext) != img.format:
             rep.warnings.append(f"extension '{ext or '(none)'}' does not match its {img.format} content; accepted")
-        orientation = _orientation(img)
-        rep.size = _oriented((w, h), orientation)
-        target = fit_size(rep.size, encode.max_size) if encode else None
+        rep.size = _oriented((w, h), orientation(img))
         try:
-            if target is not None and img.format == "JPEG" and target != rep.size:
-                # libjpeg's DCT scaling: decode at the smallest 1/2^k scale still >= target.
-                img.draft(img.mode, _oriented(target, orientation))
-            img.load()
-            rgb = to_rgb(img)
+            rgb = decode_fitted(img, encode.max_size if encode else None)
         except Image.DecompressionBombError:
             rep.reasons.append("image exceeds Pillow's decompression-bomb limit")
             return rep
@@ -244,8 +263,6 @@ def inspect_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, encode:
 
     if encode is None:
         return rep
-    if rgb.size != target:
-        rgb = rgb.resize(target, RESAMPLE)
     jpeg = encode_jpeg(rgb, encode.quality)
     rep.encoded_sha256 = hashlib.sha256(jpeg).hexdigest()
     rep.encoded_name = f"{rep.encoded_sha256[:16]}.jpg"

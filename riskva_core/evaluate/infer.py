@@ -14,7 +14,8 @@ One code path for every caller: ``Generator`` loads the processor saved with the
 images are resized exactly as in training), builds the prompt from the model's
 ``prompt_template.json`` (else the default PromptTemplate) with the processor's chat template,
 and generates greedily in left-padded batches with a fixed seed. The CLI, the MLflow pyfunc
-and the HTTP server all call ``Generator.generate``.
+(hence evaluation and both HTTP servers) all call ``Generator.load_image`` (the model's
+image policy, data/image_policy.py) and ``Generator.generate`` through ``run_items``.
 
 A bad image (missing, unreadable, corrupt, too large) becomes an entry with ``error`` and
 the run goes on. Exit status: 0 when every image was answered, otherwise the number of failed
@@ -33,6 +34,7 @@ from PIL import Image
 
 from riskva_core.atomic import write_json
 from riskva_core.data.conversation import PromptTemplate
+from riskva_core.data.image_policy import DEFAULT_MAX_DECODED_PIXELS, ImagePolicy
 from riskva_core.errors import RiskvaError
 from riskva_core.evaluate.parse import parse_answer
 from riskva_core.model.resolve import MLFLOW_SCHEMES, adapter_base, download_mlflow_model
@@ -69,6 +71,7 @@ class Generator:
         device: str = "auto",
         seed: int = 0,
         prompt_template: PromptTemplate | None = None,
+        max_decoded_pixels: int | None = None,
     ):
         import torch
 
@@ -99,6 +102,8 @@ class Generator:
             self.dtype = dtype or ("float32" if self.device.type == "cpu" else "auto")
             self.model = load_model(path, adapter_path, dtype=self.dtype).to(self.device).eval()
             self.template = prompt_template or load_prompt_template(adapter_path, path)
+            # Saved by training next to the processor: prepare's cap + JPEG round trip.
+            self.image_policy = ImagePolicy.load(adapter_path, path).with_limit(max_decoded_pixels)
         finally:
             if download is not None:  # weights are in memory now
                 shutil.rmtree(download, ignore_errors=True)
@@ -126,6 +131,10 @@ class Generator:
             gc.pad_token_id = self.processor.tokenizer.pad_token_id
         return gc
 
+    def load_image(self, data: bytes, name: str) -> Image.Image:
+        """Image bytes → the model's input image, through the model's image policy."""
+        return self.image_policy.apply(data, name)
+
     def generate(self, images: Sequence[Image.Image]) -> list[str]:
         """Answer texts for ``images`` (RGB PIL images), one left-padded greedy batch."""
         import torch
@@ -150,26 +159,21 @@ class Item:
     image: str
     image_id: str
     image_path: str
-    load: Callable[[], Image.Image]
+    read: Callable[[], bytes]  # the encoded bytes; Generator.load_image turns them into pixels
     ground_truth: dict[str, str] | None = None
 
 
-def _file_loader(path: Path) -> Callable[[], Image.Image]:
-    def load() -> Image.Image:
-        from riskva_core.data.images import to_rgb
-        from riskva_core.data.samples import decode_image
-
+def _file_reader(path: Path) -> Callable[[], bytes]:
+    def read() -> bytes:
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise RiskvaError(f"cannot read image file ({exc.strerror or exc})") from None
         if not data:
             raise RiskvaError("empty image file (0 bytes)")
-        img = decode_image(data, path.name)
-        # Raw photos: honour EXIF orientation exactly as prepare does for training images.
-        return to_rgb(img)
+        return data
 
-    return load
+    return read
 
 
 def _image_items(paths: Sequence[str], base: Path | None) -> list[Item]:
@@ -180,7 +184,7 @@ def _image_items(paths: Sequence[str], base: Path | None) -> list[Item]:
             p = base / p
         n = seen[ref] = seen.get(ref, 0) + 1
         items.append(Item(id=ref if n == 1 else f"{ref}#{n}", image=str(p), image_id=Path(ref).stem,
-                          image_path=ref, load=_file_loader(p)))
+                          image_path=ref, read=_file_reader(p)))
     return items
 
 
@@ -205,7 +209,7 @@ def _sample_items(dataset: Path, split: str) -> list[Item]:
             image=str(s.image_file) if s.image_file is not None else s.id,
             image_id=s.image_id,
             image_path=s.image_path,
-            load=s.load_image,
+            read=s.image_data,
             ground_truth={f: s.fields.get(f, "") for f in FIELDS},
         ))
     if not items:
@@ -233,6 +237,7 @@ class InferConfig:
     dtype: str | None = None
     device: str = "auto"
     seed: int = 0
+    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -263,6 +268,7 @@ class InferConfig:
             raise RiskvaError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.max_new_tokens < 1:
             raise RiskvaError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        ImagePolicy(max_decoded_pixels=self.max_decoded_pixels)  # validates the limit before any model loads
         if self.output_file is None and self.report_dir is not None:
             self.output_file = self.report_dir / "predictions.json"
         if self.output_file is None and self.source != "image_path":
@@ -316,7 +322,7 @@ def run_items(generator: Generator, items: Sequence[Item], batch_size: int, with
             good: list[tuple[int, Image.Image]] = []
             for i, item in chunk:
                 try:
-                    good.append((i, item.load()))
+                    good.append((i, generator.load_image(item.read(), item.image_path)))
                 except RiskvaError as exc:
                     records[i] = _record(item, None, str(exc), with_gt)
             try:
@@ -342,7 +348,8 @@ def infer(cfg: InferConfig, generator: Generator | None = None) -> list[dict[str
     """Run ``cfg``; write the predictions (and the report); return the records."""
     items = cfg.items()
     if generator is None:
-        generator = Generator(cfg.model_path, cfg.adapter_path, cfg.max_new_tokens, cfg.dtype, cfg.device, cfg.seed)
+        generator = Generator(cfg.model_path, cfg.adapter_path, cfg.max_new_tokens, cfg.dtype, cfg.device, cfg.seed,
+                              max_decoded_pixels=cfg.max_decoded_pixels)
     records = run_items(generator, items, cfg.batch_size, cfg.compare_gt, cfg.progress)
     if cfg.output_file is not None:
         write_json(cfg.output_file, records)
@@ -406,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights dtype (default float32 on CPU, the checkpoint's dtype on GPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--seed", type=int, default=0, help="torch seed set before every batch (default 0)")
+    p.add_argument("--max_decoded_pixels", type=int, default=DEFAULT_MAX_DECODED_PIXELS,
+                   help="refuse (as a failed entry) an image whose header says more pixels than this, before "
+                   f"decoding it (default {DEFAULT_MAX_DECODED_PIXELS})")
     p.add_argument("--no_progress", dest="progress", action="store_false", help="hide the progress bar")
     return p
 

@@ -9,6 +9,8 @@ REPORT/report.html   one self-contained file (charts and thumbnails embedded)
 A prediction with ``error`` (an image that could not be read) counts as a failure:
 no fields, level INVALID. Every prediction needs ``ground_truth``; a ``--baseline``
 file may omit it, its truth is then taken from the predictions with the same ``id``.
+Entries without ``id`` (another tool's output: ``image``, ``raw_output``/``parsed``,
+``ground_truth``) are matched by image instead (evaluate/keys.py).
 No timestamps or absolute paths enter the outputs, so the same inputs give the same bytes.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 from riskva_core.evaluate import metrics as M
 from riskva_core.atomic import atomic_dir, write_bytes, write_json, write_text
 from riskva_core.errors import RiskvaError
+from riskva_core.evaluate.keys import key_records
 from riskva_core.schema import FIELD_LEVEL, FIELDS, LEVEL_RANK, LEVELS, TEXT_FIELDS, normalize_level
 
 DEFAULT_WORST = 20
@@ -370,6 +373,9 @@ def evaluate(
         else:
             base_records = [dict(r) for r in baseline]
             source.update(baseline="(in memory)", baseline_sha256=None)
+    # Another tool's predictions have no sample id: key both files by image (evaluate/keys.py).
+    records, base_records, source["matched_by"] = key_records(
+        records, base_records, str(source["predictions"]), str(source.get("baseline", "baseline")))
     report, worst = build_report(records, base_records, n_resamples, seed, n_worst, source)
     write_report(report, worst, Path(output_dir), Path(image_root) if image_root is not None else None)
     return report

@@ -28,7 +28,7 @@ from riskva_core.data.conversation import PromptTemplate
 from riskva_core.errors import RiskvaError
 from riskva_core.model.loading import is_adapter_dir, load_model, load_processor, save_processor
 
-CARRIED_FILES = ("prompt_template.json", "training_args.json", "dataset.json", "metrics.json")
+CARRIED_FILES = ("prompt_template.json", "image_policy.json", "training_args.json", "dataset.json", "metrics.json")
 
 
 @dataclasses.dataclass

@@ -146,7 +146,8 @@ class Registry:
                 flavor=mlflow.pyfunc,
                 python_model=str(pyfunc.code_file(tmp)),
                 artifacts={pyfunc.ARTIFACT_MODEL_DIR: str(model_dir)},
-                model_config=dict(model_config or pyfunc.DEFAULT_MODEL_CONFIG),
+                # Every key logged, so `riskva serve --max_*` can override it at load time.
+                model_config={**pyfunc.DEFAULT_MODEL_CONFIG, **(model_config or {})},
                 signature=pyfunc.signature(),
                 input_example=pyfunc.input_example(example_image),
                 pip_requirements=pip_requirements or default_requirements(),

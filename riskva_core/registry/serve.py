@@ -2,6 +2,7 @@
 
     riskva serve                                   # models:/riskva@champion on 127.0.0.1:5001
     riskva serve --model_uri models:/riskva/3 --port 8080 --workers 2
+    riskva serve --api openai                      # POST /v1/chat/completions (openai_api.py)
 
 Runs ``mlflow models serve -m URI --env-manager local`` in this environment (riskva
 itself is not on a package index, so the model's own environment cannot be rebuilt
@@ -16,14 +17,21 @@ Request (the pyfunc's input, see pyfunc.py): one column ``image`` of base64 JPEG
       -d "{\\"dataframe_split\\": {\\"columns\\": [\\"image\\"], \\"data\\": [[\\"$(base64 -w0 photo.jpg)\\"]]}}"
 
 Response: ``{"predictions": [{"风险": …, "风险等级": …, "纠正和预防建议": …, "缺陷描述": …,
-"raw_output": …, "parse_ok": true}]}``. A corrupt image is a 400 whose message names
-the row; the server keeps serving.
+"raw_output": …, "parse_ok": true, "error": ""}]}``. A bad row gets its ``error`` and the
+others are answered; a request over a limit, or none of whose rows can be answered, is a 400
+naming the rows (pyfunc.py). The server keeps serving.
+
+Limits (``--max_rows``, ``--max_request_bytes``, ``--max_decoded_pixels``) default to the
+registered version's ``model_config``; given here they override it at load time through
+MLflow's ``MLFLOW_PYFUNC_INFERENCE_CONFIG``, for either API. With ``--api openai`` the byte
+limit also caps the HTTP body (a 413 before it is read in full).
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -39,6 +47,7 @@ DEFAULT_PORT = 5001
 DEFAULT_TIMEOUT_S = 600
 ENV_TRACKING_URI = "RISKVA_MLFLOW_TRACKING_URI"
 ENV_REGISTRY_URI = "RISKVA_MLFLOW_REGISTRY_URI"
+APIS = ("mlflow", "openai")
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -52,8 +61,18 @@ class ServeConfig:
     tracking_uri: str | None = None
     registry_uri: str | None = None
     check_model: bool = True
+    api: str = "mlflow"
+    max_rows: int | None = None
+    max_request_bytes: int | None = None
+    max_decoded_pixels: int | None = None
 
     def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise RiskvaError(f"--api must be one of {', '.join(APIS)}, got {self.api!r}")
+        for name in ("max_rows", "max_request_bytes", "max_decoded_pixels"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise RiskvaError(f"--{name} must be >= 1, got {value}")
         if not self.model_uri:
             raise RiskvaError("--model_uri is empty")
         if not 1 <= int(self.port) <= 65535:
@@ -70,6 +89,11 @@ class ServeConfig:
             from riskva_core.paths import DataRoot
 
             self.tracking_uri = DataRoot.from_env().mlflow_tracking_uri
+
+    def overrides(self) -> dict[str, int]:
+        """The pyfunc ``model_config`` keys this server overrides (its limits)."""
+        return {k: int(v) for k in ("max_rows", "max_request_bytes", "max_decoded_pixels")
+                if (v := getattr(self, k)) is not None}
 
     @property
     def url(self) -> str:
@@ -95,10 +119,27 @@ def server_env(config: ServeConfig, base: dict[str, str] | None = None) -> dict[
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, *[p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]])
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if config.overrides():
+        env["MLFLOW_PYFUNC_INFERENCE_CONFIG"] = json.dumps(config.overrides())
+    if config.api == "openai":
+        from riskva_core.registry.openai_api import DEFAULT_MAX_REQUEST_BYTES, ENV_CONFIG
+
+        env[ENV_CONFIG] = json.dumps({
+            "model_uri": config.model_uri, "model_name": _model_name(config.model_uri),
+            "max_request_bytes": config.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES})
     return env
 
 
+def _model_name(uri: str) -> str:
+    match = _MODELS_URI.match(uri)
+    return match["name"] if match else "riskva"
+
+
 def server_command(config: ServeConfig) -> list[str]:
+    if config.api == "openai":  # uvicorn's factory: each worker loads the pyfunc itself
+        return [sys.executable, "-m", "uvicorn", "riskva_core.registry.openai_api:app_from_env", "--factory",
+                "--host", config.host, "--port", str(config.port), "--workers", str(config.workers),
+                "--timeout-keep-alive", "30"]
     return [
         sys.executable, "-m", "mlflow", "models", "serve",
         "-m", config.model_uri,
@@ -135,6 +176,19 @@ def resolve_model(config: ServeConfig) -> str | None:
 def usage_text(config: ServeConfig, version: str | None = None) -> str:
     served = config.model_uri + (f" (version {version})" if version else "")
     url = config.url
+    if config.api == "openai":
+        return "\n".join([
+            f"Serving {served} (OpenAI-compatible)",
+            f"  registry   {config.tracking_uri}",
+            f"  endpoint   {url}/v1/chat/completions   (health: {url}/health; ready once the model is loaded)",
+            "",
+            "Examples:",
+            "  printf '{\"model\": \"riskva\", \"messages\": [{\"role\": \"user\", \"content\": [{\"type\": "
+            "\"image_url\", \"image_url\": {\"url\": \"data:image/jpeg;base64,%s\"}}]}]}' \"$(base64 -w0 photo.jpg)\" \\",
+            f"    | curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d @-",
+            "",
+            "Stop with Ctrl-C.",
+        ])
     return "\n".join([
         f"Serving {served}",
         f"  registry   {config.tracking_uri}",
@@ -150,7 +204,7 @@ def usage_text(config: ServeConfig, version: str | None = None) -> str:
 
 
 def serve(config: ServeConfig) -> int:
-    """Check the model, print where it serves, then become the MLflow server (blocks)."""
+    """Check the model, print where it serves, then become the server (MLflow's or uvicorn; blocks)."""
     version = resolve_model(config) if config.check_model else None
     print(usage_text(config, version), flush=True)
     command = server_command(config)
@@ -166,8 +220,9 @@ def serve(config: ServeConfig) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="riskva serve",
-        description="Serve a registered model over HTTP (mlflow models serve --env-manager local). "
-        "POST base64 images to /invocations; see the printed curl examples.",
+        description="Serve a registered model over HTTP: MLflow's scoring server (POST base64 images to "
+        "/invocations) or, with --api openai, an OpenAI-compatible /v1/chat/completions. "
+        "See the printed curl examples.",
     )
     p.add_argument("--model_uri", default=DEFAULT_MODEL_URI,
                    help=f"MLflow model URI: models:/riskva@<alias>, models:/riskva/<version>, runs:/<id>/model "
@@ -182,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking_uri", default=None,
                    help=f"MLflow tracking/registry URI (default ${ENV_TRACKING_URI}, else "
                    "sqlite:///$RISKVA_HOME/mlflow/mlflow.db)")
+    p.add_argument("--api", choices=APIS, default="mlflow",
+                   help="mlflow: MLflow's /invocations (dataframe JSON); openai: an OpenAI-compatible "
+                   "POST /v1/chat/completions with the photo as a data: URL (default mlflow)")
+    p.add_argument("--max_rows", type=int, default=None,
+                   help="rows (images) per /invocations request (default: the model's model_config, 64)")
+    p.add_argument("--max_request_bytes", type=int, default=None,
+                   help="image bytes per request, and with --api openai the HTTP body size "
+                   "(default: the model's model_config, 64 MiB)")
+    p.add_argument("--max_decoded_pixels", type=int, default=None,
+                   help="pixels per image, checked from its header before decoding "
+                   "(default: the model's model_config, 40000000)")
     p.add_argument("--no_check", dest="check_model", action="store_false",
                    help="start without first looking the model URI up in the registry")
     return p

@@ -2,7 +2,7 @@
 Dagster assets read, and the identity of the data it was trained on.
 
     OUT/adapter/   adapter_model.safetensors (+ modules_to_save), adapter_config.json, the
-                   processor with the training pixel policy, prompt_template.json,
+                   processor with the training pixel policy, image_policy.json, prompt_template.json,
                    training_args.json, metrics.json, dataset.json (fingerprint)
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from riskva_core.atomic import atomic_dir, write_json
 from riskva_core.data.conversation import PromptTemplate
+from riskva_core.data.image_policy import save_image_policy
 from riskva_core.data.samples import detect_format, split_file
 from riskva_core.train.config import TrainConfig
 
@@ -59,6 +60,7 @@ def write_adapter(cfg: TrainConfig, model, processor, template_dict, final: dict
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         save_processor(processor, tmp)
+        save_image_policy(cfg.dataset_path, tmp)  # prepare's image steps, so serving repeats them
         if template_dict is not None:
             write_json(tmp / "prompt_template.json", template_dict)
         write_json(tmp / "training_args.json", {**cfg.to_dict(), "pixel_budget": budget,

@@ -161,3 +161,47 @@ def test_cli_writes_report(preds, tmp_path, capsys):
     assert "accuracy=" in capsys.readouterr().out
     report = json.loads((tmp_path / "R" / "report.json").read_text(encoding="utf-8"))
     assert len(report["worst"]) == 3 and report["config"]["n_resamples"] == 50
+
+
+def _other_tool(recs: list[dict]) -> list[dict]:
+    """The same answers as another tool writes them: no id, its own image folder, raw text only
+    for half of them (the rest parsed), ground truth beside."""
+    out = []
+    for i, r in enumerate(recs):
+        entry = {"image": f"/data/other-tool/{Path(r['image']).name}", "ground_truth": r["ground_truth"]}
+        if r.get("error"):
+            entry["error"] = r["error"]
+        elif i % 2:
+            entry["parsed"] = r["parsed"]
+        else:
+            entry["raw_output"] = "\n".join(f"{k}：{v}" for k, v in r["parsed"].items() if v is not None)
+        out.append(entry)
+    return out
+
+
+def test_predictions_without_id_are_keyed_by_image(preds, tmp_path, capsys):
+    path, recs = preds
+    ours = evaluate(path, tmp_path / "ours", n_resamples=50)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_other_tool(recs), ensure_ascii=False), encoding="utf-8")
+    assert cli.main(["evaluate", "--predictions", str(other), "--output_dir", str(tmp_path / "R"),
+                     "--n_resamples", "50"]) == 0
+    report = json.loads((tmp_path / "R" / "report.json").read_text(encoding="utf-8"))
+    assert report["n"] == ours["n"] and report["config"]["matched_by"] == "image" and ours["config"]["matched_by"] == "id"
+    assert report["risk_level"]["accuracy"] == pytest.approx(ours["risk_level"]["accuracy"])
+    assert "/data/other-tool" not in (tmp_path / "R" / "report.json").read_text(encoding="utf-8")
+    # As a baseline against our id'd predictions, both are keyed by image file name and pair up.
+    paired = evaluate(path, tmp_path / "P", baseline=other, n_resamples=50)["baselines"]["supplied"]["paired"]
+    assert paired["n_matched"] == len(recs) and paired["n_only_predictions"] == 0
+    assert paired["accuracy"]["delta"] == pytest.approx(0.0)
+
+
+def test_an_entry_with_neither_id_nor_image_is_a_one_line_error(preds, tmp_path, capsys):
+    _, recs = preds
+    entries = _other_tool(recs)
+    del entries[5]["image"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    assert cli.main(["evaluate", "--predictions", str(bad), "--output_dir", str(tmp_path / "R")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.json: entry 5 has neither 'id' nor 'image'" in err and "Traceback" not in err

@@ -82,7 +82,7 @@ def test_base64_jpeg_returns_the_four_fields_and_raw_text(server, registered):
     preds = resp.json()["predictions"]
     assert len(preds) == 2
     for p in preds:
-        assert set(p) == {*FIELDS, "raw_output", "parse_ok"}
+        assert set(p) == {*FIELDS, "raw_output", "parse_ok", "error"} and p["error"] == ""
         assert isinstance(p["raw_output"], str) and p["raw_output"]
         assert isinstance(p["parse_ok"], bool)
         assert p["风险等级"] in ("", *LEVELS)
@@ -103,16 +103,22 @@ def test_inputs_spelling_gives_the_same_answer(server, registered):
     assert inputs.json()["predictions"][0]["raw_output"] == split.json()["predictions"][0]["raw_output"]
 
 
-def test_corrupt_image_is_a_400_naming_the_row_and_the_server_keeps_serving(server, registered):
+def test_corrupt_row_gets_its_error_the_others_are_answered_and_the_server_keeps_serving(server, registered):
     url, srv = server
     _, _, _, images = registered
     truncated = images[0][: len(images[0]) // 3]
     for bad in (b"this is not an image", truncated):
         resp = _post(url, request_payload([images[1], bad]))
-        assert 400 <= resp.status_code < 500, (resp.status_code, resp.text)
-        body = resp.json()
+        assert resp.status_code == 200, (resp.status_code, resp.text)
+        good, failed = resp.json()["predictions"]
+        assert good["error"] == "" and good["raw_output"]
+        assert failed["error"].startswith("row 1: ") and failed["raw_output"] == "" and failed["parse_ok"] is False
+        # Alone, the bad row leaves nothing to answer: a 400 naming it.
+        alone = _post(url, request_payload([bad]))
+        assert 400 <= alone.status_code < 500, (alone.status_code, alone.text)
+        body = alone.json()
         assert body["error_code"] in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
-        assert "row 1" in body["message"], body["message"]
+        assert "row 0" in body["message"], body["message"]
     # Text that is not base64 at all is refused by the scoring server's schema check.
     resp = _post(url, {"dataframe_split": {"columns": ["image"], "data": [["%%% not base64 %%%"]]}})
     assert 400 <= resp.status_code < 500, (resp.status_code, resp.text)
@@ -151,6 +157,8 @@ def test_unset_alias_is_a_one_line_error_before_any_server_starts(registered):
 @pytest.mark.parametrize("flags, message", [
     (["--port", "0"], "--port must be 1..65535"),
     (["--workers", "0"], "--workers must be >= 1"),
+    (["--max_decoded_pixels", "0"], "--max_decoded_pixels must be >= 1"),
+    (["--api", "grpc"], "invalid choice: 'grpc'"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path):
     proc = subprocess.run([RISKVA, "serve", *flags], env=_env(tmp_path / "home"), capture_output=True,

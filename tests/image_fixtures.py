@@ -1,0 +1,27 @@
+"""Photos as phones and attackers make them: EXIF-rotated twins and header-only pixel bombs."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+from PIL import Image
+
+
+def exif6(img: Image.Image, quality: int = 92) -> bytes:
+    """The same scene stored sideways with EXIF orientation 6, as phones write portrait photos."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.transpose(Image.Transpose.ROTATE_90).save(buf, format="JPEG", quality=quality, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h but holds almost no data: decoding it fails as truncated,
+    so a refusal that names the pixel count proves the check ran on the header alone."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
