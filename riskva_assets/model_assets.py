@@ -72,7 +72,8 @@ def base_model_location(paths: DataRootResource, launcher: TrainingLauncher, ver
 class TrainConfig(dg.Config):
     """Training hyperparameters, editable in the Launchpad. Unset fields take the recipe's value."""
 
-    recipe: str = Field(default="auto", description="auto (seed recipe with a GPU, demo recipe on CPU) | demo | seed")
+    recipe: str = Field(default="auto", description="auto (from the base model: demo for the demo tiny model, "
+                        "lora for the 7B and any other model) | demo | lora | seed")
     max_steps: Optional[int] = Field(default=None, description="optimizer steps (overrides epochs)")
     num_train_epochs: Optional[float] = Field(default=None, description="epochs")
     learning_rate: Optional[float] = Field(default=None, description="peak learning rate")
@@ -83,11 +84,14 @@ class TrainConfig(dg.Config):
     seed: Optional[int] = Field(default=None, description="training seed")
     extra_args: list[str] = Field(default_factory=list, description="more riskva_core.train flags, verbatim")
 
-    def train_args(self) -> tuple[str, list[str]]:
-        """(recipe used, flags): the recipe's flags, then every field set here (last flag wins)."""
+    def train_args(self, base_model: str) -> tuple[str, list[str]]:
+        """(recipe used, flags): the recipe's flags, then every field set here (last flag wins).
+
+        ``auto`` is decided by the base model being trained, never by this process's devices.
+        """
         from riskva_core.train.recipes import resolve
 
-        recipe, args = resolve(self.recipe)
+        recipe, args = resolve(self.recipe, base_model)
         for name in ("max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "lora_r", "lora_alpha", "seed"):
             value = getattr(self, name)
@@ -113,9 +117,10 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
     root = paths.layout()
     version = context.partition_key
     out = root.train_dir(version)
-    recipe, train_args = config.train_args()
+    base = base_model_location(paths, launcher, version)
+    recipe, train_args = config.train_args(base)
     args = [
-        "--model_name_or_path", base_model_location(paths, launcher, version),
+        "--model_name_or_path", base,
         "--dataset_path", str(root.prepared_dir(version, "jsonl")),
         "--output_dir", str(out),
         *train_args,
@@ -151,6 +156,7 @@ def lineage_command(command: list[str]) -> str:
     kinds={"pytorch", "safetensors"},
     code_version=CODE_VERSION,
     deps=["lora_adapter", "base_model"],
+    pool="gpu",
     description="Base model with the LoRA adapter merged in (riskva_core.model.merge), with the equivalence "
     "report: merged and base+adapter give the same logits on probe inputs.",
 )
@@ -161,7 +167,7 @@ def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,
     root = paths.layout()
     version = context.partition_key
     out = root.merged_dir(version)
-    report = merge(MergeConfig(base_model_path=Path(base_model_location(paths, launcher, version)),
+    report = merge(MergeConfig(base_model_path=base_model_location(paths, launcher, version),
                                adapter_path=root.train_dir(version) / "adapter", output_dir=out))
     digest = lineage.folder_hash(out, ("*.safetensors", "*.json"))
     summary = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
