@@ -46,12 +46,17 @@ def is_hub_id(ref: str) -> bool:
 def resolve_model_ref(ref: str | os.PathLike, flag: str = "--model_name_or_path") -> Path:
     """A local folder for ``ref`` (folder or hub id); RiskvaError naming ``flag`` and what was tried.
 
-    MLflow URIs are downloaded by :func:`download_mlflow_model` (the caller owns the temporary
-    folder), so they are refused here with a pointer to the flags that accept them.
+    An MLflow URI is downloaded (:func:`download_mlflow_model`) into a temporary folder that is
+    removed when the process exits; callers that free the weights earlier call that function
+    themselves and remove the folder once the model is in memory (inference does).
     """
     text = str(ref)
     if text.startswith(MLFLOW_SCHEMES):
-        raise RiskvaError(f"{flag} {text}: an MLflow URI is not accepted here (give the model folder or hub id)")
+        import atexit
+
+        local, dst = download_mlflow_model(text, flag)
+        atexit.register(shutil.rmtree, dst, True)
+        return local
     local = Path(text).expanduser()
     if local.is_dir():
         return local
@@ -69,7 +74,7 @@ def resolve_model_ref(ref: str | os.PathLike, flag: str = "--model_name_or_path"
                           f"{constants.HF_HUB_CACHE} ({how}: {type(exc).__name__})") from None
 
 
-def download_mlflow_model(uri: str) -> tuple[Path, Path]:
+def download_mlflow_model(uri: str, flag: str = "--model_path") -> tuple[Path, Path]:
     """Download an MLflow model; return (merged model folder inside it, download folder)."""
     import mlflow
     import yaml
@@ -83,7 +88,7 @@ def download_mlflow_model(uri: str) -> tuple[Path, Path]:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except Exception as exc:  # MlflowException, RestException, OSError…: all mean "cannot get it"
         shutil.rmtree(dst, ignore_errors=True)
-        raise RiskvaError(f"--model_path {uri}: cannot download from MLflow ({str(exc).splitlines()[0]})") from None
+        raise RiskvaError(f"{flag} {uri}: cannot download from MLflow ({str(exc).splitlines()[0]})") from None
     if (local / "config.json").is_file():
         return local, dst
     rel = f"artifacts/{ARTIFACT_MODEL_DIR}"
@@ -96,7 +101,7 @@ def download_mlflow_model(uri: str) -> tuple[Path, Path]:
     model_dir = (local / rel).resolve()
     if not model_dir.is_relative_to(local.resolve()) or not (model_dir / "config.json").is_file():
         shutil.rmtree(dst, ignore_errors=True)
-        raise RiskvaError(f"--model_path {uri}: the MLflow model has no '{ARTIFACT_MODEL_DIR}' model folder")
+        raise RiskvaError(f"{flag} {uri}: the MLflow model has no '{ARTIFACT_MODEL_DIR}' model folder")
     return model_dir, dst
 
 
