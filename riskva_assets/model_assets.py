@@ -35,15 +35,16 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, paths
     root = paths.layout()
     version = context.partition_key
     if launcher.base_model_path:
-        local = Path(launcher.base_model_path).expanduser()
-        if local.is_dir():
-            digest = lineage.folder_hash(local, ("*.json", "*.txt", "*.jinja", "*.index.json"))
-            source = str(local.resolve())
-        else:  # a hub id: its revision is fixed by the hub cache, the name is the identity here
-            digest = lineage.text_hash(launcher.base_model_path)
-            source = launcher.base_model_path
+        from riskva_core.model.resolve import resolve_model_ref
+        from riskva_core.train.recipes import recipe_for_model
+
+        # A folder, a hub id (its cached snapshot: the revision is part of the path) or an MLflow URI.
+        local = resolve_model_ref(launcher.base_model_path, "RISKVA_BASE_MODEL")
+        digest = lineage.folder_hash(local, ("*.json", "*.txt", "*.jinja", "*.index.json"))
         return dg.MaterializeResult(
-            metadata={"base_model": source, "built": False, "config_hash": digest},
+            metadata={"base_model": launcher.base_model_path, "resolved": dg.MetadataValue.path(str(local.resolve())),
+                      "built": False, "config_hash": digest,
+                      "recipe_auto": recipe_for_model(launcher.base_model_path)},
             data_version=dg.DataVersion(digest[:16]),
         )
     from riskva_core.model.tiny import TinyModelConfig, build_tiny_model
@@ -58,6 +59,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, paths
             "base_model": dg.MetadataValue.path(str(out)),
             "built": True,
             "size": config.size,
+            "recipe_auto": "demo",
             "parameters": int(info.get("parameters", 0)),
             "bytes": lineage.folder_bytes(out),
         },
