@@ -26,8 +26,9 @@ class BaseModelConfig(dg.Config):
     kinds={"pytorch", "huggingface"},
     code_version=CODE_VERSION,
     deps=["sft_jsonl"],
-    description="The base model to fine-tune. With TrainingLauncher.base_model_path set (a local folder or a "
-    "hub id such as Qwen/Qwen2.5-VL-7B-Instruct) it is recorded as is; otherwise the demo model is built: "
+    description="The base model to fine-tune. With TrainingLauncher.base_model_path set (a local folder, a "
+    "hub id such as Qwen/Qwen2.5-VL-7B-Instruct resolved through the Hugging Face cache, or a models:/ URI) "
+    "it is resolved and recorded with the recipe `auto` will pick for it; otherwise the demo model is built: "
     "a small random-weight Qwen2.5-VL whose tokenizer is trained on this version's prepared text.",
 )
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, paths: DataRootResource,
@@ -159,8 +160,9 @@ def lineage_command(command: list[str]) -> str:
     code_version=CODE_VERSION,
     deps=["lora_adapter", "base_model"],
     pool="gpu",
-    description="Base model with the LoRA adapter merged in (riskva_core.model.merge), with the equivalence "
-    "report: merged and base+adapter give the same logits on probe inputs.",
+    description="Base model with the LoRA adapter merged in (riskva_core.model.merge) in the base's dtype, "
+    "with the report: the saved model and base+adapter give the same logits on a probe input, and how much "
+    "of each layer's LoRA update survived the cast. In the `gpu` pool.",
 )
 def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,
                  launcher: TrainingLauncher) -> dg.MaterializeResult:
