@@ -66,11 +66,12 @@ TRAIN=("$BIN/accelerate" launch --config_file configs/deepspeed_zero2.yaml --num
        --save_steps 0 --logging_steps 1 --report_to none "${RECIPE_OVERRIDES[@]}")
 printf '%q ' "${TRAIN[@]}" > "$WORK/train_command.txt"
 SAMPLER=""
+trap 'if [[ -n "$SAMPLER" ]]; then kill "$SAMPLER" 2>/dev/null || true; fi' EXIT  # also when a step fails
 if command -v nvidia-smi >/dev/null && [[ "$MODE" == full ]]; then
   "$PY" benchmarks/gpu_check.py sample-gpu-memory "$WORK/gpu_peak_mib.txt" & SAMPLER=$!
 fi
 timed train "${TRAIN[@]}"
-[[ -n "$SAMPLER" ]] && kill "$SAMPLER"
+if [[ -n "$SAMPLER" ]]; then kill "$SAMPLER"; SAMPLER=""; fi
 
 # 3. merge
 timed merge "$BIN/riskva" merge --base_model_path "$WORK/model" --adapter_path "$WORK/train/adapter" \

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,7 +154,10 @@ def test_answers_through_riskva_infer_by_hub_id_and_merged(hub, zero2, merged):
 
 
 def test_zero3_partitions_every_parameter(hub, zero2, tmp_path):
-    """stage3_param_persistence_threshold 0: no parameter stays whole on a rank, so each holds half."""
+    """stage3_param_persistence_threshold 0: no parameter stays whole on a rank (not even norms/biases).
+
+    Peak RSS is recorded but not compared: saving gathers the full 16-bit weights on rank 0.
+    """
     root, data, env, snapshot = hub
     ds = json.loads((REPO / "configs/ds_zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -170,8 +174,11 @@ def test_zero3_partitions_every_parameter(hub, zero2, tmp_path):
     z3 = load_file(out / "adapter" / "adapter_model.safetensors")
     z2 = load_file(zero2[0] / "adapter_model.safetensors")
     assert z3.keys() == z2.keys() and all(z3[k].shape == z2[k].shape for k in z3)
-    # Each rank held half of the 2.8 GB bf16 model instead of all of it.
-    assert PEAK_RSS["train-zero3"] < PEAK_RSS["train-zero2"] - 0.7
+    # Parameters counted on a rank before training: under ZeRO-2 the whole model, under ZeRO-3 only
+    # the LoRA weights peft added (every base parameter is an empty placeholder, its shard elsewhere).
+    counted = {name: int(re.search(r"trainable parameters: [\d,]+ of ([\d,]+)", log).group(1).replace(",", ""))
+               for name, log in (("zero2", zero2[1]), ("zero3", proc.stderr))}
+    assert counted["zero2"] > 1_400_000_000 and counted["zero3"] < 1_000_000
 
 
 @pytest.mark.parametrize("cuda", [True, False])
