@@ -84,3 +84,17 @@ def test_recipe_follows_the_base_model_not_the_devices(tiny, tmp_path, monkeypat
     assert argv[argv.index("--learning_rate") + 1] == "5e-06" == str(SEED_GPU["learning_rate"])
     assert {k: v for k, v in LORA_7B.items() if k != "learning_rate"} == {
         k: v for k, v in SEED_GPU.items() if k != "learning_rate"}
+
+
+def test_train_cli_recipe_flag_expands_and_explicit_flags_win(tiny):
+    from riskva_core.train.config import config_from_args
+
+    base = ["--dataset_path", "d", "--output_dir", "o"]
+    seed = config_from_args(["--model_name_or_path", HUB_ID, *base, "--recipe", "seed"])
+    assert seed.learning_rate == 5e-6 and seed.lora_r == 64 and seed.bf16 and seed.gradient_checkpointing
+    auto = config_from_args(["--model_name_or_path", HUB_ID, *base, "--recipe", "auto", "--lora_r", "16"])
+    assert auto.learning_rate == 1e-4 and auto.lora_r == 16
+    demo = config_from_args(["--model_name_or_path", str(tiny), *base, "--recipe", "auto"])
+    assert demo.train_lm_head and demo.learning_rate == 2e-3
+    with pytest.raises(RiskvaError, match="--recipe: unknown training recipe 'bogus'"):
+        config_from_args(["--model_name_or_path", HUB_ID, *base, "--recipe", "bogus"])
