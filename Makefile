@@ -11,13 +11,21 @@ export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED ?= 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DAGSTER_DISABLE_TELEMETRY ?= true
-# DeepSpeed picks its accelerator at import; on a machine without an NVIDIA GPU it must be told "cpu".
-export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || echo cpu)
+# DeepSpeed picks its accelerator at import; on a machine without a usable NVIDIA GPU it must be
+# told "cpu". With a GPU the variable is left unset (an exported empty value makes DeepSpeed refuse
+# to start, as does one inherited empty); a non-empty value set by the caller is kept either way.
+ifeq ($(strip $(DS_ACCELERATOR)),)
+  ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu),gpu)
+    unexport DS_ACCELERATOR
+  else
+    export DS_ACCELERATOR := cpu
+  endif
+endif
 PORT ?= 3000
 MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 5001
 
-.PHONY: install test demo ui mlflow-ui serve smoke bench browser clean
+.PHONY: install test demo ui mlflow-ui serve smoke bench browser clean print-env gpu-check
 
 install: $(STAMP)
 
@@ -68,3 +76,11 @@ bench: install
 
 clean:
 	rm -rf $(RISKVA_HOME) test-artifacts .pytest_cache
+
+# What the recipes' environment looks like (tests/test_makefile.py checks DS_ACCELERATOR on fake GPU hosts).
+print-env:
+	@echo "DS_ACCELERATOR=$${DS_ACCELERATOR-<unset>}"
+
+# On a lent GPU host: the 7B path end to end at full size, one JSON of figures (benchmarks/RESULTS.md).
+gpu-check: install
+	bash benchmarks/gpu_check.sh

@@ -26,8 +26,9 @@ class BaseModelConfig(dg.Config):
     kinds={"pytorch", "huggingface"},
     code_version=CODE_VERSION,
     deps=["sft_jsonl"],
-    description="The base model to fine-tune. With TrainingLauncher.base_model_path set (a local folder or a "
-    "hub id such as Qwen/Qwen2.5-VL-7B-Instruct) it is recorded as is; otherwise the demo model is built: "
+    description="The base model to fine-tune. With TrainingLauncher.base_model_path set (a local folder, a "
+    "hub id such as Qwen/Qwen2.5-VL-7B-Instruct resolved through the Hugging Face cache, or a models:/ URI) "
+    "it is resolved and recorded with the recipe `auto` will pick for it; otherwise the demo model is built: "
     "a small random-weight Qwen2.5-VL whose tokenizer is trained on this version's prepared text.",
 )
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, paths: DataRootResource,
@@ -35,15 +36,16 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, paths
     root = paths.layout()
     version = context.partition_key
     if launcher.base_model_path:
-        local = Path(launcher.base_model_path).expanduser()
-        if local.is_dir():
-            digest = lineage.folder_hash(local, ("*.json", "*.txt", "*.jinja", "*.index.json"))
-            source = str(local.resolve())
-        else:  # a hub id: its revision is fixed by the hub cache, the name is the identity here
-            digest = lineage.text_hash(launcher.base_model_path)
-            source = launcher.base_model_path
+        from riskva_core.model.resolve import resolve_model_ref
+        from riskva_core.train.recipes import recipe_for_model
+
+        # A folder, a hub id (its cached snapshot: the revision is part of the path) or an MLflow URI.
+        local = resolve_model_ref(launcher.base_model_path, "RISKVA_BASE_MODEL")
+        digest = lineage.folder_hash(local, ("*.json", "*.txt", "*.jinja", "*.index.json"))
         return dg.MaterializeResult(
-            metadata={"base_model": source, "built": False, "config_hash": digest},
+            metadata={"base_model": launcher.base_model_path, "resolved": dg.MetadataValue.path(str(local.resolve())),
+                      "built": False, "config_hash": digest,
+                      "recipe_auto": recipe_for_model(launcher.base_model_path)},
             data_version=dg.DataVersion(digest[:16]),
         )
     from riskva_core.model.tiny import TinyModelConfig, build_tiny_model
@@ -58,6 +60,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, paths
             "base_model": dg.MetadataValue.path(str(out)),
             "built": True,
             "size": config.size,
+            "recipe_auto": "demo",
             "parameters": int(info.get("parameters", 0)),
             "bytes": lineage.folder_bytes(out),
         },
@@ -72,7 +75,8 @@ def base_model_location(paths: DataRootResource, launcher: TrainingLauncher, ver
 class TrainConfig(dg.Config):
     """Training hyperparameters, editable in the Launchpad. Unset fields take the recipe's value."""
 
-    recipe: str = Field(default="auto", description="auto (seed recipe with a GPU, demo recipe on CPU) | demo | seed")
+    recipe: str = Field(default="auto", description="auto (from the base model: demo for the demo tiny model, "
+                        "lora for the 7B and any other model) | demo | lora | seed")
     max_steps: Optional[int] = Field(default=None, description="optimizer steps (overrides epochs)")
     num_train_epochs: Optional[float] = Field(default=None, description="epochs")
     learning_rate: Optional[float] = Field(default=None, description="peak learning rate")
@@ -83,11 +87,14 @@ class TrainConfig(dg.Config):
     seed: Optional[int] = Field(default=None, description="training seed")
     extra_args: list[str] = Field(default_factory=list, description="more riskva_core.train flags, verbatim")
 
-    def train_args(self) -> tuple[str, list[str]]:
-        """(recipe used, flags): the recipe's flags, then every field set here (last flag wins)."""
+    def train_args(self, base_model: str) -> tuple[str, list[str]]:
+        """(recipe used, flags): the recipe's flags, then every field set here (last flag wins).
+
+        ``auto`` is decided by the base model being trained, never by this process's devices.
+        """
         from riskva_core.train.recipes import resolve
 
-        recipe, args = resolve(self.recipe)
+        recipe, args = resolve(self.recipe, base_model)
         for name in ("max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "lora_r", "lora_alpha", "seed"):
             value = getattr(self, name)
@@ -113,9 +120,10 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
     root = paths.layout()
     version = context.partition_key
     out = root.train_dir(version)
-    recipe, train_args = config.train_args()
+    base = base_model_location(paths, launcher, version)
+    recipe, train_args = config.train_args(base)
     args = [
-        "--model_name_or_path", base_model_location(paths, launcher, version),
+        "--model_name_or_path", base,
         "--dataset_path", str(root.prepared_dir(version, "jsonl")),
         "--output_dir", str(out),
         *train_args,
@@ -151,8 +159,10 @@ def lineage_command(command: list[str]) -> str:
     kinds={"pytorch", "safetensors"},
     code_version=CODE_VERSION,
     deps=["lora_adapter", "base_model"],
-    description="Base model with the LoRA adapter merged in (riskva_core.model.merge), with the equivalence "
-    "report: merged and base+adapter give the same logits on probe inputs.",
+    pool="gpu",
+    description="Base model with the LoRA adapter merged in (riskva_core.model.merge) in the base's dtype, "
+    "with the report: the saved model and base+adapter give the same logits on a probe input, and how much "
+    "of each layer's LoRA update survived the cast. In the `gpu` pool.",
 )
 def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,
                  launcher: TrainingLauncher) -> dg.MaterializeResult:
@@ -161,7 +171,7 @@ def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,
     root = paths.layout()
     version = context.partition_key
     out = root.merged_dir(version)
-    report = merge(MergeConfig(base_model_path=Path(base_model_location(paths, launcher, version)),
+    report = merge(MergeConfig(base_model_path=base_model_location(paths, launcher, version),
                                adapter_path=root.train_dir(version) / "adapter", output_dir=out))
     digest = lineage.folder_hash(out, ("*.safetensors", "*.json"))
     summary = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}

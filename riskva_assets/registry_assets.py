@@ -37,6 +37,7 @@ class RegisterConfig(dg.Config):
     group_name=REGISTRY,
     kinds={"mlflow"},
     code_version=CODE_VERSION,
+    pool="gpu",  # loads the model onto the accelerator: one such asset at a time
     deps=["merged_model", "sft_parquet", "sft_jsonl", "raw_metadata"],
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
     description="The merged model logged to MLflow as the RisKVA pyfunc (image bytes/base64 → four report "
@@ -94,6 +95,7 @@ def _registered_version(context: dg.AssetExecutionContext) -> str:
     group_name=REGISTRY,
     kinds={"mlflow", "pandas"},
     code_version=CODE_VERSION,
+    pool="gpu",  # loads the model onto the accelerator: one such asset at a time
     deps=["registered_model", "sft_parquet"],
     retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
     description="Batch inference of the registered challenger (models:/riskva/<version registered for this "
@@ -164,6 +166,7 @@ class PromotionConfig(dg.Config):
     group_name=REGISTRY,
     kinds={"mlflow"},
     code_version=CODE_VERSION,
+    pool="gpu",  # loads the model onto the accelerator: one such asset at a time
     deps=["evaluation_report"],
     description="Challenger vs champion on this version's test split (paired bootstrap). The challenger "
     "becomes `champion` only if it meets the absolute thresholds and is not significantly worse on 风险等级 "

@@ -8,7 +8,8 @@ from the environment with ``dg.EnvVar`` (see definitions.py):
     RISKVA_MLFLOW_REGISTRY_URI default: the tracking URI
     RISKVA_MLFLOW_UI_URL       link target in asset metadata (default http://127.0.0.1:5000)
     RISKVA_NUM_PROCESSES       training ranks (default 1)
-    RISKVA_BASE_MODEL          base model folder or hub id (default: the demo tiny model)
+    RISKVA_BASE_MODEL          base model: a folder, a hub id (from the HF cache; HF_HUB_OFFLINE honoured)
+                               or a models:/ URI (default: build the demo tiny model)
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ class TrainingLauncher(dg.ConfigurableResource):
     )
     base_model_path: str = Field(
         default="",
-        description="Base model folder or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct); empty: build the demo model",
+        description="Base model: a folder, a hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct, from the Hugging Face "
+        "cache) or a models:/ URI; it also picks the training recipe (auto); empty: build the demo model",
     )
     termination_timeout_s: float = Field(
         default=600.0, description="On cancel: seconds every rank gets to checkpoint before SIGKILL"

@@ -37,7 +37,7 @@ from riskva_core.data.conversation import PromptTemplate
 from riskva_core.data.image_policy import DEFAULT_MAX_DECODED_PIXELS, ImagePolicy
 from riskva_core.errors import RiskvaError
 from riskva_core.evaluate.parse import parse_answer
-from riskva_core.model.resolve import MLFLOW_SCHEMES, adapter_base, download_mlflow_model
+from riskva_core.model.resolve import MLFLOW_SCHEMES, adapter_base, download_mlflow_model, resolve_model_ref
 from riskva_core.schema import FIELDS
 
 PROMPT_TEMPLATE_FILE = "prompt_template.json"
@@ -72,10 +72,11 @@ class Generator:
         seed: int = 0,
         prompt_template: PromptTemplate | None = None,
         max_decoded_pixels: int | None = None,
+        attn_implementation: str | None = None,
     ):
         import torch
 
-        from riskva_core.model.loading import is_adapter_dir, load_model, load_processor
+        from riskva_core.model.loading import dtype_name, is_adapter_dir, load_model, load_processor, resolve_dtype
 
         if max_new_tokens < 1:
             raise RiskvaError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -87,6 +88,8 @@ class Generator:
             if path.startswith(MLFLOW_SCHEMES):
                 local, download = download_mlflow_model(path)
                 path = str(local)
+            elif not Path(path).is_dir():  # a hub id: the cached snapshot (HF_HUB_OFFLINE honoured)
+                path = str(resolve_model_ref(path, "--model_path"))
             if adapter_path is None and Path(path).is_dir() and is_adapter_dir(path):
                 adapter_path, path = path, adapter_base(Path(path))
             if adapter_path is not None and not Path(adapter_path).is_dir():
@@ -98,9 +101,10 @@ class Generator:
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             self.device = torch.device(device)
-            # float32 on CPU (bf16 matmuls are slow there); the checkpoint's dtype on GPU.
-            self.dtype = dtype or ("float32" if self.device.type == "cpu" else "auto")
-            self.model = load_model(path, adapter_path, dtype=self.dtype).to(self.device).eval()
+            # The loading policy: bf16 on a bf16 GPU, float32 on CPU (bf16 matmuls are slow there).
+            self.dtype = dtype_name(resolve_dtype(dtype or "auto", self.device))
+            self.model = load_model(path, adapter_path, dtype=self.dtype, attn_implementation=attn_implementation,
+                                    device=self.device, flag="--model_path").to(self.device).eval()
             self.template = prompt_template or load_prompt_template(adapter_path, path)
             # Saved by training next to the processor: prepare's cap + JPEG round trip.
             self.image_policy = ImagePolicy.load(adapter_path, path).with_limit(max_decoded_pixels)
@@ -239,6 +243,7 @@ class InferConfig:
     seed: int = 0
     max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
     progress: bool = True
+    attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("image_path", "image_list", "parquet_file", "jsonl_file", "dataset_path", "output_file",
@@ -349,7 +354,8 @@ def infer(cfg: InferConfig, generator: Generator | None = None) -> list[dict[str
     items = cfg.items()
     if generator is None:
         generator = Generator(cfg.model_path, cfg.adapter_path, cfg.max_new_tokens, cfg.dtype, cfg.device, cfg.seed,
-                              max_decoded_pixels=cfg.max_decoded_pixels)
+                              max_decoded_pixels=cfg.max_decoded_pixels,
+                              attn_implementation=cfg.attn_implementation)
     records = run_items(generator, items, cfg.batch_size, cfg.compare_gt, cfg.progress)
     if cfg.output_file is not None:
         write_json(cfg.output_file, records)
@@ -409,8 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images per generation batch (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
-                   help="weights dtype (default float32 on CPU, the checkpoint's dtype on GPU)")
+    p.add_argument("--torch_dtype", "--dtype", dest="dtype", default=None,
+                   help="auto | bfloat16 | float32 (default auto: bf16 on a bf16-capable GPU, float32 on CPU); "
+                   "float16 is refused (Qwen2.5-VL overflows in it)")
+    p.add_argument("--attn_implementation", default=None, choices=["auto", "sdpa", "flash_attention_2", "eager"],
+                   help="attention kernel (default auto: flash_attention_2 when installed on a GPU, else sdpa)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--seed", type=int, default=0, help="torch seed set before every batch (default 0)")
     p.add_argument("--max_decoded_pixels", type=int, default=DEFAULT_MAX_DECODED_PIXELS,

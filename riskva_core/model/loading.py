@@ -1,9 +1,20 @@
-"""Load a Qwen2.5-VL processor and model from a local folder, the same way for every step.
+"""Load a Qwen2.5-VL processor and model, the same way for every step, with one precision policy.
 
-Training, merging, inference and serving all call these two functions, so a tiny local
-model and ``Qwen/Qwen2.5-VL-7B-Instruct`` go through one code path. Nothing is fetched
-from the hub (``local_files_only``) and no repository code runs (``trust_remote_code=False``);
-weights load from safetensors only.
+Training, merging, inference and serving all call these functions, so the tiny local model and
+``Qwen/Qwen2.5-VL-7B-Instruct`` go through one code path. A reference is a folder or a hub id
+(resolved through the Hugging Face cache by model/resolve.py); no repository code runs
+(``trust_remote_code=False``) and weights load from safetensors only.
+
+Precision policy (``--torch_dtype``, ``--attn_implementation``):
+
+    auto       bfloat16 where the device computes in it natively (a CUDA GPU with bf16 support),
+               float32 on CPU (bf16 matmuls there are emulated and slow, and exact checks need fp32)
+    bfloat16   Qwen2.5-VL's released precision: half the memory of fp32 (15 GB instead of 33 GB for the 7B)
+    float32    exact; the tiny demo model trains in it
+    float16    refused: Qwen2.5-VL's activations exceed fp16's range (65504) and overflow to inf/NaN
+
+    attention  sdpa (PyTorch's fused kernel) by default; flash_attention_2 when the flash-attn
+               package is installed and the device is a GPU; eager only on request.
 """
 from __future__ import annotations
 
@@ -12,25 +23,67 @@ from pathlib import Path
 from typing import Any
 
 from riskva_core.errors import RiskvaError
+from riskva_core.model.resolve import ADAPTER_CONFIG, is_adapter_dir, resolve_model_ref
 
-ADAPTER_CONFIG = "adapter_config.json"
+__all__ = ["ADAPTER_CONFIG", "is_adapter_dir", "resolve_dtype", "resolve_attn_implementation", "load_model",
+           "load_processor", "set_pixel_budget", "pixel_budget", "save_processor", "DTYPE_CHOICES", "ATTN_CHOICES"]
 
-
-def _resolve(path: str | os.PathLike, flag: str) -> str:
-    p = Path(path)
-    if p.is_dir():
-        return str(p)
-    # A hub id is accepted only if it is already in the local cache (local_files_only below).
-    if p.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:
-        raise RiskvaError(f"{flag} {path}: no such model folder")
-    return str(path)
+DTYPE_CHOICES = ("auto", "bfloat16", "float32")
+ATTN_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+FP16_REFUSED = ("float16 is refused: Qwen2.5-VL's activations exceed fp16's range (max 65504) and overflow to "
+                "inf/NaN; use bfloat16 (GPU) or float32")
 
 
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
+def _device_type(device: Any) -> str:
+    import torch
+
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
 
 
-def load_processor(path: str | os.PathLike, min_pixels: int | None = None, max_pixels: int | None = None):
+def resolve_dtype(requested: Any = "auto", device: Any = None):
+    """The torch dtype for ``requested`` (auto|bfloat16|float32 or a torch dtype) on ``device``."""
+    import torch
+
+    if isinstance(requested, torch.dtype):
+        if requested == torch.float16:
+            raise RiskvaError(f"--torch_dtype {FP16_REFUSED}")
+        return requested
+    name = _DTYPE_ALIASES.get(str(requested or "auto"), str(requested or "auto"))
+    if name in ("float16", "fp16", "half"):
+        raise RiskvaError(f"--torch_dtype {FP16_REFUSED}")
+    if name not in DTYPE_CHOICES:
+        raise RiskvaError(f"--torch_dtype must be one of {', '.join(DTYPE_CHOICES)}, got {requested!r}")
+    if name == "auto":
+        bf16_native = _device_type(device) == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_native else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def resolve_attn_implementation(requested: str | None = "auto", device: Any = None) -> str:
+    """sdpa by default; flash_attention_2 when installed and on a GPU; a clear error if asked for and absent."""
+    from transformers.utils import is_flash_attn_2_available
+
+    name = requested or "auto"
+    if name not in ATTN_CHOICES:
+        raise RiskvaError(f"--attn_implementation must be one of {', '.join(ATTN_CHOICES)}, got {requested!r}")
+    on_gpu = _device_type(device) == "cuda"
+    if name == "auto":
+        return "flash_attention_2" if on_gpu and is_flash_attn_2_available() else "sdpa"
+    if name == "flash_attention_2" and not (on_gpu and is_flash_attn_2_available()):
+        raise RiskvaError("--attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn package; "
+                          "use sdpa")
+    return name
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def load_processor(path: str | os.PathLike, min_pixels: int | None = None, max_pixels: int | None = None,
+                   flag: str = "--model_name_or_path"):
     """The processor saved at ``path`` (a model or adapter folder), optionally re-budgeted.
 
     A pixel budget given here replaces both ``min_pixels``/``max_pixels`` and ``size`` of the
@@ -38,7 +91,7 @@ def load_processor(path: str | os.PathLike, min_pixels: int | None = None, max_p
     """
     from transformers import AutoProcessor
 
-    src = _resolve(path, "--model_name_or_path")
+    src = resolve_model_ref(path, flag)
     try:
         processor = AutoProcessor.from_pretrained(src, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -99,40 +152,35 @@ def save_processor(processor, folder: str | os.PathLike) -> None:
         write_text(path, json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
 
 
-def _dtype(dtype: Any):
-    import torch
+def load_model(path: str | os.PathLike, adapter_path: str | os.PathLike | None = None, dtype: Any = "auto",
+               attn_implementation: str | None = "auto", device: Any = None, trainable_adapter: bool = False,
+               flag: str = "--model_name_or_path"):
+    """The base model at ``path`` (folder or hub id), with the PEFT adapter at ``adapter_path`` if given.
 
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype == "auto":
-        return "auto"
-    if dtype not in names:
-        raise RiskvaError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-    return names[dtype]
-
-
-def load_model(path: str | os.PathLike, adapter_path: str | os.PathLike | None = None, dtype: Any = None,
-               trainable_adapter: bool = False):
-    """The base model at ``path``, with the PEFT adapter at ``adapter_path`` applied if given.
-
-    ``dtype`` None keeps float32 (CPU training and exact merge checks); "auto" uses the
-    checkpoint's dtype. The adapter stays unmerged (a ``PeftModel``); see merge.py to fold it.
+    ``dtype``/``attn_implementation`` follow the policy above for ``device`` (None: CUDA if
+    present); weights are materialised straight in that dtype (no fp32 detour). The adapter
+    stays unmerged (a ``PeftModel``; its LoRA weights stay fp32 by peft's autocast); see
+    merge.py to fold it. The model is left on the CPU; callers move it.
     """
     from transformers import AutoModelForImageTextToText
 
-    src = _resolve(path, "--model_name_or_path")
+    src = resolve_model_ref(path, flag)
+    torch_dtype = resolve_dtype(dtype, device)
+    attn = resolve_attn_implementation(attn_implementation, device)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             src,
-            dtype=_dtype(dtype) or _dtype("float32"),
+            dtype=torch_dtype,
+            attn_implementation=attn,
             local_files_only=True,
             trust_remote_code=False,
             use_safetensors=True,
         )
     except (OSError, ValueError) as exc:
-        raise RiskvaError(f"{path}: cannot load model ({str(exc).splitlines()[0]})") from None
+        raise RiskvaError(f"{flag} {path}: cannot load model ({str(exc).splitlines()[0]})") from None
+    if str(path) != str(src):
+        # A hub id: adapters trained on it record the portable name, not this machine's cache path.
+        model.config._name_or_path = model.name_or_path = str(path)
     if adapter_path is not None:
         from peft import PeftModel
 

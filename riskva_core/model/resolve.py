@@ -1,6 +1,10 @@
-"""Where a model reference points: a local folder, or an MLflow model URI.
+"""Where a model reference points: a local folder, a Hugging Face hub id, or an MLflow model URI.
 
-A registered RisKVA model is an MLflow pyfunc whose merged model folder travels as the
+Every entry point (train, merge, infer, registry, the Dagster resources) accepts all three and
+turns them into a local folder here, so ``Qwen/Qwen2.5-VL-7B-Instruct`` works wherever a folder
+does. A hub id is resolved by ``huggingface_hub.snapshot_download`` itself: it reads the cache
+(``HF_HUB_CACHE``/``HF_HOME``) and honours ``HF_HUB_OFFLINE`` (offline: the cached snapshot that
+``refs/main`` names, never the network). A registered RisKVA model is an MLflow pyfunc whose merged model folder travels as the
 artifact ``model_dir``; every entry point that accepts ``models:/riskva@champion`` downloads
 it here, so inference, evaluation and serving agree on the layout without importing the
 registry package (which itself depends on inference).
@@ -14,13 +18,63 @@ import tempfile
 from pathlib import Path
 
 from riskva_core.errors import RiskvaError
-from riskva_core.model.loading import ADAPTER_CONFIG
 
+ADAPTER_CONFIG = "adapter_config.json"
 ARTIFACT_MODEL_DIR = "model_dir"
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+# What a model folder needs; a hub download fetches only these (no .bin/.pt pickles, no extras).
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "merges.txt", "vocab.json")
 
 
-def download_mlflow_model(uri: str) -> tuple[Path, Path]:
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_hub_id(ref: str) -> bool:
+    """``owner/name`` that is not an existing path and not written as one (./x, /x, ~/x)."""
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1 or Path(ref).exists():
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_model_ref(ref: str | os.PathLike, flag: str = "--model_name_or_path") -> Path:
+    """A local folder for ``ref`` (folder or hub id); RiskvaError naming ``flag`` and what was tried.
+
+    An MLflow URI is downloaded (:func:`download_mlflow_model`) into a temporary folder that is
+    removed when the process exits; callers that free the weights earlier call that function
+    themselves and remove the folder once the model is in memory (inference does).
+    """
+    text = str(ref)
+    if text.startswith(MLFLOW_SCHEMES):
+        import atexit
+
+        local, dst = download_mlflow_model(text, flag)
+        atexit.register(shutil.rmtree, dst, True)
+        return local
+    local = Path(text).expanduser()
+    if local.is_dir():
+        return local
+    if not is_hub_id(text):
+        raise RiskvaError(f"{flag} {text}: no such model folder (and not a hub id of the form owner/name)")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        return Path(snapshot_download(text, allow_patterns=list(HUB_PATTERNS), local_files_only=offline))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError, ValueError) as exc:
+        how = "HF_HUB_OFFLINE=1, so only the local cache was read" if offline else "the hub was asked too"
+        raise RiskvaError(f"{flag} {text}: not a local folder and not in the Hugging Face cache "
+                          f"{constants.HF_HUB_CACHE} ({how}: {type(exc).__name__})") from None
+
+
+def download_mlflow_model(uri: str, flag: str = "--model_path") -> tuple[Path, Path]:
     """Download an MLflow model; return (merged model folder inside it, download folder)."""
     import mlflow
     import yaml
@@ -34,7 +88,7 @@ def download_mlflow_model(uri: str) -> tuple[Path, Path]:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except Exception as exc:  # MlflowException, RestException, OSError…: all mean "cannot get it"
         shutil.rmtree(dst, ignore_errors=True)
-        raise RiskvaError(f"--model_path {uri}: cannot download from MLflow ({str(exc).splitlines()[0]})") from None
+        raise RiskvaError(f"{flag} {uri}: cannot download from MLflow ({str(exc).splitlines()[0]})") from None
     if (local / "config.json").is_file():
         return local, dst
     rel = f"artifacts/{ARTIFACT_MODEL_DIR}"
@@ -47,7 +101,7 @@ def download_mlflow_model(uri: str) -> tuple[Path, Path]:
     model_dir = (local / rel).resolve()
     if not model_dir.is_relative_to(local.resolve()) or not (model_dir / "config.json").is_file():
         shutil.rmtree(dst, ignore_errors=True)
-        raise RiskvaError(f"--model_path {uri}: the MLflow model has no '{ARTIFACT_MODEL_DIR}' model folder")
+        raise RiskvaError(f"{flag} {uri}: the MLflow model has no '{ARTIFACT_MODEL_DIR}' model folder")
     return model_dir, dst
 
 

@@ -5,8 +5,16 @@ tokenizer files, preprocessor/video-processor config, chat template, generation 
 training, merging, inference and serving run through the same ``AutoProcessor`` /
 ``AutoModelForImageTextToText`` code path with no hub access. Only the sizes differ:
 
-    tiny   builds in seconds; used by the tests (hidden 64, 2 layers, vision depth 2)
-    small  a few million parameters; learns the synthetic task on 2 CPU cores in minutes
+    tiny        builds in seconds; used by the tests (hidden 64, 2 layers, vision depth 2)
+    small       a few million parameters; learns the synthetic task on 2 CPU cores in minutes
+    real-width  the 7B's real widths (text 3584/18944, 28 heads, 4 KV heads, 152064 embedding rows,
+                mrope [16,24,24]; vision 1280 wide, 16 heads, merger to 3584) with 1 text layer and
+                2 vision blocks: 1.4 B parameters, every matrix the 7B's shape; saved in bf16
+    7b-random   the full Qwen2.5-VL-7B architecture (28 layers, 32 vision blocks), random weights,
+                saved in bf16 (16 GB): for a GPU host that has no hub (benchmarks/gpu_check.sh)
+
+tiny/small are the demo models (``tiny_model_info.json`` says ``"recipe": "demo"``, which
+train/recipes.py reads); the 7B-shaped sizes train with the 7B LoRA recipe.
 
 The tokenizer is a byte-level BPE trained on the prepared dataset's own text (prompts,
 answers, fields of every split), so a short sequence covers a whole answer; it keeps every
@@ -91,6 +99,17 @@ SIZES: dict[str, dict] = {
         vision=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, fullatt_block_indexes=[3]),
     ),
 }
+# Qwen2.5-VL-7B-Instruct's config.json (REFERENCE.md); only the depths differ between the two sizes.
+_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                mrope_section=[16, 24, 24], max_window_layers=28, sliding_window=32768)
+_7B_VISION = dict(hidden_size=1280, intermediate_size=3420, num_heads=16)
+SIZES["real-width"] = dict(vocab_size=2048, embed_rows=152064, dtype="bfloat16", recipe="lora",
+                           text=dict(_7B_TEXT, num_hidden_layers=1),
+                           vision=dict(_7B_VISION, depth=2, fullatt_block_indexes=[1]))
+SIZES["7b-random"] = dict(vocab_size=2048, embed_rows=152064, dtype="bfloat16", recipe="lora",
+                          text=dict(_7B_TEXT, num_hidden_layers=28),
+                          vision=dict(_7B_VISION, depth=32, fullatt_block_indexes=[7, 15, 23, 31]))
+DEMO_SIZES = ("tiny", "small")
 
 
 @dataclasses.dataclass
@@ -214,7 +233,7 @@ def build_config(tokenizer, size: str):
 
     dims = SIZES[size]
     # Round the embedding up like the released model (152064 rows for 151665 tokens).
-    vocab = -(-len(tokenizer) // 64) * 64
+    vocab = max(-(-len(tokenizer) // 64) * 64, dims.get("embed_rows", 0))
     text = dict(dims["text"])
     mrope = text.pop("mrope_section")
     head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -287,7 +306,14 @@ def build_tiny_model(cfg: TinyModelConfig) -> Path:
     config = build_config(tokenizer, cfg.size)
 
     torch.manual_seed(cfg.seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    dims = SIZES[cfg.size]
+    dtype = getattr(torch, dims.get("dtype", "float32"))
+    # The 7B-shaped sizes are initialised straight in bf16 (8 B fp32 parameters would need 33 GB),
+    # on the GPU when there is one (random init of billions of weights is minutes on a CPU).
+    device = "cuda" if dims.get("dtype") and torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model.config.dtype = dtype
     eos_id, pad_id = token_id(tokenizer, EOS_TOKEN), token_id(tokenizer, PAD_TOKEN)
     model.generation_config = GenerationConfig(
         bos_token_id=pad_id, pad_token_id=pad_id, eos_token_id=[eos_id, pad_id], do_sample=False,
@@ -298,6 +324,8 @@ def build_tiny_model(cfg: TinyModelConfig) -> Path:
         n_params = sum(p.numel() for p in model.parameters())
         write_json(tmp / "tiny_model_info.json", {
             "size": cfg.size,
+            "recipe": dims.get("recipe", "demo"),
+            "dtype": str(dtype).removeprefix("torch."),
             "seed": cfg.seed,
             "parameters": n_params,
             "vocab_size_bpe": cfg.vocab_size,
@@ -314,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset_path", required=True, type=Path,
                    help="prepared JSONL/Parquet folder whose text trains the tokenizer")
     p.add_argument("--size", choices=sorted(SIZES), default="tiny",
-                   help="tiny: seconds to build, for tests; small: a few M params, learns the demo task")
+                   help="tiny: seconds to build, for tests; small: a few M params, learns the demo task; "
+                   "real-width: the 7B's widths, 1 layer (1.4 B, bf16); 7b-random: the full 7B shape (bf16)")
     p.add_argument("--seed", type=int, default=0, help="weight-initialisation seed (default 0)")
     p.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size (default per --size)")
     p.add_argument("--min_pixels", type=int, default=DEFAULT_MIN_PIXELS,

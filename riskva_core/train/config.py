@@ -215,9 +215,25 @@ def build_parser(prog: str = "riskva train", description: str | None = None) -> 
             declared = (hints[f.name], *typing.get_args(hints[f.name]))
             kind = next((t for t in (int, float) if t in declared), str)
             p.add_argument(flag, type=kind, default=default, help=f"{help_} (default {default})")
+    p.add_argument("--recipe", default=None,
+                   help="start from a named recipe (train/recipes.py): auto (from the base model), demo, lora "
+                   "(the 7B LoRA default, lr 1e-4) or seed (the seed's exact values); flags given also win")
     return p
 
 
 def config_from_args(argv: list[str] | None, description: str | None = None) -> TrainConfig:
-    args = build_parser(description=description).parse_args(argv)
+    import sys
+
+    parser = build_parser(description=description)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.recipe:  # the recipe's flags first, so every flag given on the command line overrides them
+        from riskva_core.train.recipes import resolve
+
+        try:
+            _, recipe_argv = resolve(args.recipe, args.model_name_or_path)
+        except ValueError as exc:
+            raise RiskvaError(f"--recipe: {exc}") from None
+        args = parser.parse_args(recipe_argv + argv)
+    del args.recipe
     return TrainConfig(**vars(args))

@@ -6,8 +6,18 @@ DEMO_CPU   the `small` random-weight tiny Qwen2.5-VL on the synthetic dataset, o
            The merger learns at 5x the LoRA rate (ms-swift's aligner_lr), images are capped at
            48 image tokens (a 4:3 photo becomes 224x168 px), and random flips give each of the
            10 epochs new views.
-SEED_GPU   the seed project's launch line for Qwen2.5-VL-7B-Instruct (README.zh.md), with the
-           pixel cap of common LoRA recipes made explicit so that eval/serving resize the same.
+LORA_7B    the default for Qwen2.5-VL-7B-Instruct (and any model that is not a demo model): the
+           seed's launch line (README.zh.md) with the learning rate that LoRA is run at by
+           LLaMA-Factory and ms-swift (1e-4). The seed's 5e-6 is a full fine-tuning rate; at that
+           rate a LoRA update of a few thousand steps stays below bf16's resolution of the weights
+           it is merged into (model/merge.py then refuses it).
+SEED_GPU   the seed's exact values (``--recipe seed``), for reproducing the seed project.
+
+``resolve("auto", base_model)`` picks by the BASE MODEL, never by the devices of whoever asks:
+a folder written by ``riskva tiny-model`` with a demo size (its ``tiny_model_info.json`` says
+``"recipe": "demo"``) gets DEMO_CPU; everything else (a hub id, a real checkpoint, the
+7B-shaped stand-ins) gets LORA_7B. So a GPU host does not put the 7B recipe on the tiny
+model, and a GPU-less orchestrator does not put the demo recipe on the 7B.
 
     from riskva_core.train.recipes import DEMO_CPU, to_argv
     train(config_from_args(to_argv(DEMO_CPU, model_name_or_path=..., dataset_path=..., output_dir=...)))
@@ -63,15 +73,36 @@ SEED_GPU: dict[str, Any] = {
     "seed": 42,
 }
 
-RECIPES = {"demo": DEMO_CPU, "seed": SEED_GPU}
+# LLaMA-Factory's examples/train_lora/qwen2_5vl_lora_sft.yaml and ms-swift's LoRA default: lr 1e-4.
+LORA_7B: dict[str, Any] = {**SEED_GPU, "learning_rate": 1e-4}
+
+RECIPES = {"demo": DEMO_CPU, "lora": LORA_7B, "seed": SEED_GPU}
+MODEL_INFO = "tiny_model_info.json"  # written by `riskva tiny-model`; names the recipe its size was built for
 
 
-def resolve(name: str) -> tuple[str, list[str]]:
-    """(recipe name, train argv); 'auto' is the seed recipe with a CUDA GPU, the demo one otherwise."""
+def recipe_for_model(base_model: str | None) -> str:
+    """'demo' for a demo-size `riskva tiny-model` folder, 'lora' for anything else.
+
+    Read from the folder only (no hub access): a hub id or an MLflow URI is a real model.
+    """
+    import json
+    from pathlib import Path
+
+    if not base_model:
+        return "demo"  # no base given: the Dagster graph builds the demo model
+    info = Path(str(base_model)).expanduser() / MODEL_INFO
+    if info.is_file():
+        try:
+            return "demo" if json.loads(info.read_text(encoding="utf-8")).get("recipe", "demo") == "demo" else "lora"
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return "lora"
+    return "lora"
+
+
+def resolve(name: str, base_model: str | None = None) -> tuple[str, list[str]]:
+    """(recipe name, train argv); 'auto' follows the base model (:func:`recipe_for_model`)."""
     if name == "auto":
-        import torch
-
-        name = "seed" if torch.cuda.is_available() else "demo"
+        name = recipe_for_model(base_model)
     if name not in RECIPES:
         raise ValueError(f"unknown training recipe {name!r}; expected auto, {', '.join(RECIPES)}")
     return name, to_argv(RECIPES[name])

@@ -229,7 +229,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
         f"{steps_per_epoch} steps/epoch of {per_step} samples; {total_steps} steps")
 
     # Model -----------------------------------------------------------------------------------
-    model = load_model(cfg.model_name_or_path)
+    # --bf16 loads the weights in bf16 (half the host memory; DeepSpeed's bf16 mode keeps fp32
+    # master copies of the trainable weights only); otherwise fp32 as before.
+    model = load_model(cfg.model_name_or_path, dtype="bfloat16" if cfg.bf16 else "float32")
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

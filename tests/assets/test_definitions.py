@@ -34,7 +34,9 @@ def test_every_asset_is_partitioned_described_and_versioned():
 def test_training_is_pooled_and_never_automated_and_schema_check_blocks():
     graph = defs.resolve_asset_graph()
     lora = defs.get_assets_def("lora_adapter")
-    assert lora.op.pool == "gpu"
+    # Every asset that puts a model on the accelerator shares the pool (promotion loads two).
+    for key in ("lora_adapter", "merged_model", "registered_model", "evaluation_report", "champion_promotion"):
+        assert defs.get_assets_def(key).op.pool == "gpu", key
     assert graph.get(dg.AssetKey("lora_adapter")).automation_condition is None
     raw = defs.get_assets_def("raw_metadata")
     (spec,) = raw.check_specs

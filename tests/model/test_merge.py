@@ -47,9 +47,11 @@ def test_merged_model_matches_base_plus_adapter_and_loads_without_peft(adapter):
     root, base, adapter_dir, peft_model = adapter
     out = root / "merged"
     report = merge(MergeConfig(base_model_path=base, adapter_path=adapter_dir, output_dir=out))
-    assert report["max_abs_logit_diff"] < 1e-4 and report["reload_max_abs_logit_diff"] < 1e-4
+    assert report["dtype"] == "float32" and report["max_abs_logit_diff"] < 1e-4
     saved = json.loads((out / "merge_report.json").read_text())
     assert saved["max_abs_logit_diff"] == report["max_abs_logit_diff"]
+    # Every LoRA layer is reported; in fp32 the whole update survives.
+    assert saved["lora_layers"] == len(saved["layers"]) > 0 and saved["min_kept"] > 0.999
     assert (out / "model.safetensors").is_file() and (out / "training_args.json").is_file()
     assert not list(out.glob("*.bin")) and not (out / "adapter_config.json").exists()
 
@@ -80,5 +82,65 @@ def test_bad_paths_are_one_line_errors(adapter, tmp_path):
     _, base, adapter_dir, _ = adapter
     with pytest.raises(RiskvaError, match="adapter_config.json"):
         MergeConfig(base_model_path=base, adapter_path=tmp_path, output_dir=tmp_path / "o")
-    with pytest.raises(RiskvaError, match="no such model folder"):
+    with pytest.raises(RiskvaError, match="--base_model_path .*no such model folder"):
         MergeConfig(base_model_path=tmp_path / "nope", adapter_path=adapter_dir, output_dir=tmp_path / "o")
+    with pytest.raises(RiskvaError, match="--base_model_path nobody/no-such-model: not a local folder and not in "
+                       "the Hugging Face cache"):
+        MergeConfig(base_model_path="nobody/no-such-model", adapter_path=adapter_dir, output_dir=tmp_path / "o")
+    with pytest.raises(RiskvaError, match="float16 is refused: Qwen2.5-VL"):
+        MergeConfig(base_model_path=base, adapter_path=adapter_dir, output_dir=tmp_path / "o", torch_dtype="float16")
+
+
+@pytest.fixture(scope="module")
+def bf16_base(adapter):
+    """The tiny base saved in bf16, as the 7B is shipped."""
+    root, base, _, _ = adapter
+    out = root / "base_bf16"
+    model = load_model(base, dtype="bfloat16")
+    model.save_pretrained(out, safe_serialization=True)
+    load_processor(base).save_pretrained(out)
+    return out
+
+
+def _planted_adapter(base, out, data_root, b_value: float):
+    """A LoRA adapter on ``base`` whose B matrices are all ``b_value`` (A keeps peft's init)."""
+    cfg = TrainConfig(model_name_or_path=str(base), dataset_path=data_root, output_dir=out.parent / "run",
+                      lora_r=4, lora_alpha=8)
+    model = apply_trainable(load_model(base, dtype="bfloat16"), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(b_value)
+    model.save_pretrained(out, safe_serialization=True)
+    save_processor(load_processor(base), out)
+    return out
+
+
+def test_bf16_merge_is_saved_in_bf16_verified_and_reports_what_survived(adapter, bf16_base):
+    from safetensors import safe_open
+
+    root = adapter[0]
+    planted = _planted_adapter(bf16_base, root / "strong", root / "data", 0.05)
+    out = root / "merged_bf16"
+    report = merge(MergeConfig(base_model_path=bf16_base, adapter_path=planted, output_dir=out))
+    assert report["dtype"] == "bfloat16" and report["tolerance"] == 3e-2
+    assert report["max_abs_logit_diff"] <= report["tolerance_abs"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    layers = json.loads((out / "merge_report.json").read_text())["layers"]
+    assert all(0.5 < v["kept"] <= 1 for v in layers.values()) and any("q_proj" in k for k in layers)
+
+
+def test_merge_refuses_an_update_far_below_bf16_resolution_and_names_the_layers(adapter, bf16_base):
+    """B = 1e-6: B·A·scale is ~1e-6 of weights ~0.02, whose bf16 spacing is ~1e-4: it rounds away."""
+    root = adapter[0]
+    planted = _planted_adapter(bf16_base, root / "weak", root / "data", 1e-6)
+    out = root / "merged_weak"
+    with pytest.raises(RiskvaError, match=r"rounded away in bfloat16 .*model\.language_model\.layers\.0\."
+                       r"self_attn\.q_proj") as err:
+        merge(MergeConfig(base_model_path=bf16_base, adapter_path=planted, output_dir=out))
+    assert err.value.exit_code == 3 and not out.exists()
+    # The same adapter merges in float32, where the update survives.
+    report = merge(MergeConfig(base_model_path=bf16_base, adapter_path=planted, output_dir=out,
+                               torch_dtype="float32"))
+    assert report["dtype"] == "float32" and report["min_kept"] > 0.99

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The 7B path at full size on one lent GPU (an H200), in under 8 minutes, as ONE JSON of figures.
+#
+#   bash benchmarks/gpu_check.sh [--dry-run] [OUT_JSON]     (default OUT_JSON: benchmarks/gpu_check.json)
+#
+# The GPU host has no hub, so the real Qwen2.5-VL-7B architecture (28 layers, 32 vision blocks,
+# 152064-row embedding) is built with random weights in bf16 by `riskva tiny-model --size 7b-random`.
+# Everything else is the project's own entry points, unchanged:
+#   1. data:  `riskva synth` 1024x768 photos (~1000 image tokens each at the 7B recipe's pixel cap)
+#             + `riskva prepare` (JSONL)
+#   2. train: `accelerate launch --config_file configs/deepspeed_zero2.yaml -m riskva_core.train` with
+#             the default 7B LoRA recipe (riskva_core.train.recipes.LORA_7B: bf16, gradient
+#             checkpointing, LoRA r64 on the language model, batch 2) for a few steps; peak GPU
+#             memory sampled with nvidia-smi, training tokens/s from the run's metrics.json
+#   3. merge: `riskva merge` (bf16, verified), timed; --max_update_error 1 because a few steps at
+#             lr 1e-4 on random weights leave updates below bf16's resolution: the JSON reports how
+#             much survived (min_kept) instead of refusing
+#   4. infer: greedy generation tokens/s at batch 8 against batch 1 on the merged model (Generator)
+# --dry-run runs the same steps on the tiny model on CPU in about a minute (tests/model/test_gpu_check.py).
+set -euo pipefail
+
+MODE=full
+if [[ "${1:-}" == "--dry-run" ]]; then MODE=dry; shift; fi
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="$(realpath -m "${1:-$REPO/benchmarks/gpu_check.json}")"
+PY="${PY:-$REPO/.venv/bin/python}"
+[[ -x "$PY" ]] || PY="$(command -v python3)"
+BIN="$(dirname "$PY")"
+WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/riskva-gpu-check.XXXXXX)}"
+mkdir -p "$WORK"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+cd "$REPO"
+echo "$MODE" > "$WORK/mode.txt"
+: > "$WORK/timings.txt"
+
+if [[ "$MODE" == full ]]; then
+  SIZE=7b-random; IMAGES=(1024 768); N_IMAGES=40; STEPS=6; GA=2; NEW_TOKENS=64
+  nvidia-smi -L >/dev/null || { echo "gpu_check: no usable GPU (nvidia-smi -L failed); use --dry-run" >&2; exit 2; }
+  unset DS_ACCELERATOR
+  RECIPE_OVERRIDES=()
+else
+  SIZE=tiny; IMAGES=(128 96); N_IMAGES=10; STEPS=2; GA=1; NEW_TOKENS=4
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+  # The same recipe, shrunk where a CPU needs it (the 7B recipe's bf16 is kept: DeepSpeed bf16 on CPU ranks).
+  RECIPE_OVERRIDES=(--min_pixels 784 --max_pixels 3136 --max_length 512 --lora_r 4 --lora_alpha 8)
+fi
+
+timed() {  # timed NAME CMD...: run, append "NAME seconds" to timings.txt
+  local name=$1; shift
+  local t0=$EPOCHREALTIME
+  "$@"
+  awk -v n="$name" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%s %.3f\n", n, b - a }' >> "$WORK/timings.txt"
+}
+
+# 1. data
+"$BIN/riskva" synth --output_path "$WORK/raw" --num_images "$N_IMAGES" --image_size "${IMAGES[@]}" --num_workers 4 >/dev/null
+"$BIN/riskva" prepare --format jsonl --csv_path "$WORK/raw/metadata.csv" --image_base_path "$WORK/raw" \
+  --output_path "$WORK/prepared" --max_image_size "${IMAGES[@]}" >/dev/null
+
+# 2. model + train
+timed tiny_model "$BIN/riskva" tiny-model --size "$SIZE" --dataset_path "$WORK/prepared" --output_dir "$WORK/model" >/dev/null
+mapfile -t RECIPE < <("$PY" -c "from riskva_core.train.recipes import resolve; print('\n'.join(resolve('lora')[1]))")
+TRAIN=("$BIN/accelerate" launch --config_file configs/deepspeed_zero2.yaml --num_processes 1
+       -m riskva_core.train --model_name_or_path "$WORK/model" --dataset_path "$WORK/prepared"
+       --output_dir "$WORK/train" "${RECIPE[@]}" --max_steps "$STEPS" --gradient_accumulation_steps "$GA"
+       --save_steps 0 --logging_steps 1 --report_to none "${RECIPE_OVERRIDES[@]}")
+printf '%q ' "${TRAIN[@]}" > "$WORK/train_command.txt"
+SAMPLER=""
+trap 'if [[ -n "$SAMPLER" ]]; then kill "$SAMPLER" 2>/dev/null || true; fi' EXIT  # also when a step fails
+if command -v nvidia-smi >/dev/null && [[ "$MODE" == full ]]; then
+  "$PY" benchmarks/gpu_check.py sample-gpu-memory "$WORK/gpu_peak_mib.txt" & SAMPLER=$!
+fi
+timed train "${TRAIN[@]}"
+if [[ -n "$SAMPLER" ]]; then kill "$SAMPLER"; SAMPLER=""; fi
+
+# 3. merge
+timed merge "$BIN/riskva" merge --base_model_path "$WORK/model" --adapter_path "$WORK/train/adapter" \
+  --output_dir "$WORK/merged" --max_update_error 1
+
+# 4. batched inference, batch 8 vs batch 1
+timed infer "$PY" benchmarks/gpu_check.py infer "$WORK/merged" "$WORK/prepared" "$WORK/infer.json" \
+  --max_new_tokens "$NEW_TOKENS" --batch_sizes 1 8 --n_images 8
+
+"$PY" benchmarks/gpu_check.py collect "$WORK" "$OUT"
+echo "gpu_check: wrote $OUT (work folder $WORK)" >&2
