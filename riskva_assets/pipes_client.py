@@ -6,8 +6,11 @@ ranks are its children (torchrun workers), so a signal to the wrapper alone can
 leave ranks running or kill them before they save. This client starts the command
 in its own process group and, when the Dagster run is cancelled, sends SIGTERM to
 the whole group: every rank's SIGTERM handler (riskva_core.train) saves a
-checkpoint and exits. After ``termination_timeout_seconds`` anything still alive
-is killed.
+checkpoint and exits. torchrun's elastic agent, also signalled, would SIGKILL the
+workers after its own 30 s default; TrainingLauncher.env_vars sets
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT to the same grace. After
+``termination_timeout_seconds`` anything still alive in the group (a rank, a
+DataLoader worker) is killed, so nothing of the run outlives it.
 
 Swapping in Kubernetes (GPU cluster; not runnable here): give the asset a
 ``dagster_k8s.PipesK8sClient`` resource instead and launch the same command in a
@@ -29,6 +32,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 
 import dagster as dg
@@ -77,20 +81,37 @@ class ProcessGroupPipesClient(dg.PipesSubprocessClient):
         return dg.PipesClientCompletedInvocation(session)
 
 
-def terminate_group(process: subprocess.Popen, timeout_s: float) -> int | None:
-    """SIGTERM the process group, wait ``timeout_s``, then SIGKILL what is left."""
+def group_alive(pgid: int) -> bool:
     try:
-        pgid = os.getpgid(process.pid)
+        os.killpg(pgid, 0)
+        return True
     except ProcessLookupError:
-        return process.poll()
+        return False
+    except PermissionError:  # a member we may not signal still exists
+        return True
+
+
+def terminate_group(process: subprocess.Popen, timeout_s: float) -> int | None:
+    """SIGTERM the process group; wait up to ``timeout_s`` for the launcher *and* every other member
+    (ranks, DataLoader workers) to exit; then SIGKILL whatever is left of the group."""
+    pgid = process.pid  # start_new_session=True: the group id is the launcher's pid
+    deadline = time.monotonic() + timeout_s
     try:
         os.killpg(pgid, signal.SIGTERM)
-        return process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(pgid, signal.SIGKILL)
-        return process.wait()
     except ProcessLookupError:
         return process.poll()
+    try:
+        process.wait(timeout=max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        pass
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return process.wait()
 
 
 def format_command(command: str | Sequence[str]) -> str:
