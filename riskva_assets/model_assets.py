@@ -125,7 +125,8 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
     from .resume import plan_resume, run_identity, with_resume
 
     base = base_model_location(paths, launcher, version)
-    identity = run_identity(args, lineage.upstream_data_versions(context, ["sft_jsonl", "base_model"]), base)
+    identity = run_identity(args, lineage.upstream_data_versions(context, ["sft_jsonl", "base_model"]), base,
+                            launcher.num_processes)
     resume, why = plan_resume(out, identity)
     context.log.info(f"checkpoints: {why}")
     command = launcher.command(with_resume(args, resume))

@@ -4,7 +4,7 @@ A retry or re-execution of ``lora_adapter`` should continue from its own newest 
 instead of starting at step 0, but must never continue from a checkpoint of other data or
 another training configuration (that would silently train a model nobody asked for). So
 next to the checkpoints we keep ``run_identity.json``: the upstream data versions (prepared
-data, base model), the base model location and a hash of the training argv. Before each
+data, base model), the base model location, the number of ranks and a hash of the training argv. Before each
 launch:
 
 - identity on disk == this run's identity and a checkpoint exists → pass
@@ -47,12 +47,15 @@ def _semantic_args(args: Sequence[str]) -> list[str]:
     return out
 
 
-def run_identity(train_args: Sequence[str], data_versions: Mapping[str, str], base_model: str) -> dict[str, Any]:
-    """What a checkpoint must share with this run to be resumed from."""
+def run_identity(train_args: Sequence[str], data_versions: Mapping[str, str], base_model: str,
+                 world_size: int = 1) -> dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed from (ZeRO shards are per rank, so the
+    number of ranks is part of it)."""
     argv = _semantic_args(train_args)
     return {
         "data_versions": dict(sorted(data_versions.items())),
         "base_model": base_model,
+        "world_size": int(world_size),
         "train_args_sha256": hashlib.sha256(json.dumps(argv).encode("utf-8")).hexdigest(),
         "train_args": argv,
     }
@@ -76,7 +79,7 @@ def plan_resume(output_dir: Path, identity: Mapping[str, Any]) -> tuple[bool, st
     why = ("no checkpoint yet" if not has_checkpoint(output_dir) else
            "checkpoints without a run identity" if previous is None else
            "checkpoints of other " + ", ".join(
-               k for k in ("data_versions", "base_model", "train_args_sha256") if previous.get(k) != identity.get(k)))
+               k for k in ("data_versions", "base_model", "world_size", "train_args_sha256") if previous.get(k) != identity.get(k)))
     if (output_dir / CHECKPOINTS).exists():
         shutil.rmtree(output_dir / CHECKPOINTS)
         why += ": cleared them"

@@ -42,6 +42,9 @@ def test_same_identity_resumes_and_anything_else_starts_fresh(tmp_path: Path):
     _checkpoint(out, 1)
     resume, why = plan_resume(out, run_identity(ARGS[:-1] + ["8"], {**DATA, "sft_jsonl": "cccc"}, "/other"))
     assert not resume and "base_model" in why
+    _checkpoint(out, 1)  # ZeRO shards are per rank: another world size cannot resume them
+    resume, why = plan_resume(out, run_identity(ARGS[:-1] + ["8"], {**DATA, "sft_jsonl": "cccc"}, "/other", 2))
+    assert not resume and why == "checkpoints of other world_size: cleared them; starting fresh"
     # Checkpoints with no recorded identity (written by hand or an older version): not trusted.
     (out / IDENTITY_FILE).unlink()
     _checkpoint(out, 3)
