@@ -128,7 +128,7 @@ def test_whole_graph_with_tiny_model_two_ranks(home: Path):
     registry = Registry.under(DataRoot(home))
     assert registry.alias_version("challenger") == version
     tags = registry.get_version(version).tags
-    assert tags["dataset_version"] == VERSION and tags["code_version"]
+    assert tags["dataset_version"] == VERSION
     assert {"data_version.raw_metadata", "data_version.sft_jsonl", "data_version.merged_model"} <= set(tags)
     assert tags["dagster_run_id"] == result.run_id and "eval.parse_rate" in tags
     assert tags["code_version.lora_adapter"] and tags["base_model"] == "demo"

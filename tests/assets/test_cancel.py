@@ -12,7 +12,6 @@ from pathlib import Path
 import dagster as dg
 import psutil
 import pytest
-from dagster._core.test_utils import poll_for_finished_run
 from dagster_graphql.client.client_queries import TERMINATE_RUN_JOB_MUTATION
 from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql, materialize_assets
 from model_fixtures import make_prepared_dataset, make_tiny_model
@@ -25,23 +24,33 @@ REPO = Path(__file__).resolve().parents[2]
 VERSION = "v1"
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
+def _wait(predicate, timeout: float, what: str, explain=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{explain()}")
         time.sleep(0.5)
 
 
-def _group_members(pgid: int) -> list[int]:
-    out = []
-    for proc in psutil.process_iter(["pid"]):
+def _survivors(tree: list, groups: set[int]) -> list[int]:
+    """Live processes of the training tree, or of any process group it used."""
+    live = []
+    for proc in psutil.process_iter():
         try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc.pid)
-        except (ProcessLookupError, psutil.NoSuchProcess):
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc in tree or os.getpgid(proc.pid) in groups:
+                live.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
             continue
-    return out
+    return live
+
+
+def _run_story(instance: dg.DagsterInstance, run_id: str) -> str:
+    run = instance.get_run_by_id(run_id)
+    events = instance.all_logs(run_id)[-15:]
+    return f"; run {run.status.value}:\n" + "\n".join(
+        f"  {e.dagster_event_type.value if e.dagster_event_type else 'log'}: {(e.message or '')[:300]}" for e in events)
 
 
 @pytest.mark.slow
@@ -61,44 +70,59 @@ def test_cancel_from_dagster_checkpoints_every_rank_and_leaves_no_process(tmp_pa
         "ops": {"lora_adapter": {"config": {"recipe": "demo", "max_steps": 3, "per_device_train_batch_size": 1,
                                             "extra_args": ["--save_steps", "0"]}}},
     }
-    with dg.instance_for_test() as instance:
+    # The UI's path without a daemon: submit launches at once (the default queued coordinator needs the daemon).
+    coordinator = {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"}
+    with dg.instance_for_test(overrides={"run_coordinator": coordinator}) as instance:
         instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
         with define_out_of_process_context(str(REPO / "workspace.yaml"), None, instance) as context:
-            (launched,) = materialize_assets(context, [dg.AssetKey("lora_adapter")], [VERSION], run_config,
-                                             location_name="riskva")
-            data = launched.data["launchPipelineExecution"]
-            assert data["__typename"] == "LaunchRunSuccess", data
-            run_id = data["run"]["runId"]
-            markers = [out / "debug" / f"paused-rank{r}" for r in (0, 1)]
-            _wait(lambda: all(m.is_file() for m in markers) or instance.get_run_by_id(run_id).is_finished,
-                  420, "both ranks to reach step 1")
-            assert not instance.get_run_by_id(run_id).is_finished, "the run ended before it could be cancelled"
-            rank_pids = [int(m.read_text().split()[1]) for m in markers]
-            pgid = os.getpgid(rank_pids[0])
-            assert os.getpgid(rank_pids[1]) == pgid and pgid != os.getpgid(0)
+            try:
+                (launched,) = materialize_assets(context, [dg.AssetKey("lora_adapter")], [VERSION], run_config,
+                                                 location_name="riskva")
+                data = launched.data["launchPipelineExecution"]
+                assert data["__typename"] == "LaunchRunSuccess", data
+                run_id = data["run"]["runId"]
+                markers = [out / "debug" / f"paused-rank{r}" for r in (0, 1)]
+                _wait(lambda: all(m.is_file() for m in markers) or instance.get_run_by_id(run_id).is_finished,
+                      420, "both ranks to reach step 1", lambda: _run_story(instance, run_id))
+                assert not instance.get_run_by_id(run_id).is_finished, "the run ended before it could be cancelled"
+                rank_pids = [int(m.read_text().split()[1]) for m in markers]
+                # The whole training tree: accelerate/torchrun agent, both ranks, anything they started.
+                agent = psutil.Process(rank_pids[0]).parent()
+                assert agent.pid == psutil.Process(rank_pids[1]).parent().pid and agent.pid != os.getpid()
+                tree = [agent, *agent.children(recursive=True)]
+                groups = {os.getpgid(p.pid) for p in tree}
 
-            terminated = execute_dagster_graphql(context, TERMINATE_RUN_JOB_MUTATION, {"runId": run_id})
-            assert terminated.data["terminateRun"]["__typename"] == "TerminateRunSuccess", terminated.data
-            run = poll_for_finished_run(instance, run_id, timeout=300)
+                terminated = execute_dagster_graphql(context, TERMINATE_RUN_JOB_MUTATION, {"runId": run_id})
+                assert terminated.data["terminateRun"]["__typename"] == "TerminateRunSuccess", terminated.data
+                _wait(lambda: instance.get_run_by_id(run_id).is_finished, 300, "the run to finish",
+                      lambda: _run_story(instance, run_id))
+                assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.CANCELED
+                _wait(lambda: not _survivors(tree, groups), 60, "the training processes to be gone",
+                      lambda: f": {_survivors(tree, groups)}")
 
-    assert run.status == dg.DagsterRunStatus.CANCELED
+            except BaseException:  # the workspace's shutdown would otherwise mask the cause
+                import traceback
+
+                traceback.print_exc()
+                raise
+
     checkpoint = out / "checkpoints" / "checkpoint-1"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["world_size"] == 2
     assert {p.name for p in checkpoint.glob("rng_rank*.safetensors")} == {"rng_rank0.safetensors", "rng_rank1.safetensors"}
     assert len(list((checkpoint / "ds").rglob("*optim_states.pt"))) == 2  # one ZeRO shard per rank
-    _wait(lambda: not _group_members(pgid), 30, "the training process group to be gone")
-    assert not any(psutil.pid_exists(p) for p in rank_pids)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in rank_pids)
 
     # Re-executing lora_adapter (same data, base model, config) resumes from that checkpoint.
     from riskva_assets.assets import ALL_ASSETS
-    from riskva_assets.resources import DataRootResource, TrainingLauncher
+    from riskva_assets.resources import DataRootResource, MlflowResource, TrainingLauncher
 
     monkeypatch.delenv(PAUSE_ENV)
+    paths = DataRootResource(root=str(home))
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
         result = dg.materialize(ALL_ASSETS, selection=["lora_adapter"], partition_key=VERSION, instance=instance,
                                 run_config=dg.RunConfig(ops={"lora_adapter": run_config["ops"]["lora_adapter"]}),
-                                resources={"paths": DataRootResource(root=str(home)),
+                                resources={"paths": paths, "mlflow": MlflowResource(paths=paths),
                                            "launcher": TrainingLauncher(num_processes=2)})
     (mat,) = result.asset_materializations_for_node("lora_adapter")
     assert mat.metadata["resumed"].value and mat.metadata["step"].value == 3
