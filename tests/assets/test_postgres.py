@@ -1,5 +1,5 @@
 """The whole graph on real PostgreSQL: Dagster's storage (configs/scale_out/dagster_postgres.yaml, via
-dagster-postgres) and MLflow's backend store (postgresql:// URI, psycopg2) on a local cluster that the
+dagster-postgres) and MLflow's backend store (postgresql+psycopg2:// URI) on a local cluster that the
 test starts with Debian's initdb/pg_ctl in a temporary folder on a free port, and stops afterwards."""
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def postgres() -> dict[str, str]:
     try:
         for db in ("dagster", "mlflow"):
             subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", port, "-U", USER, db], **run)
-        yield {"port": port, "mlflow": f"postgresql://{USER}:unused@127.0.0.1:{port}/mlflow"}
+        # The driver named, as in configs/scale_out: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3.
+        yield {"port": port, "mlflow": f"postgresql+psycopg2://{USER}:unused@127.0.0.1:{port}/mlflow"}
     finally:
         subprocess.run(_as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "stop"]),
                        capture_output=True, timeout=120)
