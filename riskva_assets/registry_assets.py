@@ -1,6 +1,7 @@
 """Registry assets: the MLflow model version, its evaluation report and champion promotion."""
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at runtime.
 
+import dataclasses
 import json
 from typing import Optional
 
@@ -247,7 +248,13 @@ def champion_promotion(context: dg.AssetExecutionContext, config: PromotionConfi
         write_text(out / f"champion_v{champion}_predictions.jsonl",
                    "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in champ_preds))
         comparisons = promotion.compare(chal_preds, champ_preds, thresholds)
-    decision = promotion.decide(report, comparisons, thresholds, champion if comparisons is not None else None)
+    if champion is not None and champion == challenger:
+        # A re-execution whose registration reused the serving version: nothing to compare or move.
+        decision = promotion.Decision(promote=True, reason=f"v{challenger} is already the champion (same merged "
+                                      "model re-registered); aliases unchanged", champion_version=champion,
+                                      thresholds=dataclasses.asdict(thresholds))
+    else:
+        decision = promotion.decide(report, comparisons, thresholds, champion)
     aliases = promotion.apply_decision(registry, challenger, decision,
                                        {"dagster_run_id": context.run_id, "dataset_version": version})
     rows = [[m, st.get("n"), rounded(st.get("delta")), rounded(st.get("ci95")), rounded(st.get("p_value"))]
