@@ -13,6 +13,7 @@ from . import lineage
 from .asset_metadata import CODE_VERSIONS, MODEL, json_or_none
 from .partitions import dataset_version
 from .resources import DataRootResource, TrainingLauncher
+from .resume import plan_resume, run_identity, with_resume
 
 
 class BaseModelConfig(dg.Config):
@@ -116,15 +117,13 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
     version = context.partition_key
     out = root.train_dir(version)
     recipe, train_args = config.train_args()
+    base = base_model_location(paths, launcher, version)
     args = [
-        "--model_name_or_path", base_model_location(paths, launcher, version),
+        "--model_name_or_path", base,
         "--dataset_path", str(root.prepared_dir(version, "jsonl")),
         "--output_dir", str(out),
         *train_args,
     ]
-    from .resume import plan_resume, run_identity, with_resume
-
-    base = base_model_location(paths, launcher, version)
     identity = run_identity(args, lineage.upstream_data_versions(context, ["sft_jsonl", "base_model"]), base,
                             launcher.num_processes)
     resume, why = plan_resume(out, identity)
