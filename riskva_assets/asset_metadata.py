@@ -10,7 +10,7 @@ import dagster as dg
 
 from riskva_core.errors import RiskvaError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .resources import REPO_ROOT
 
 # The riskva_core source each asset runs (files or whole stage packages, relative to the repository).
 # An asset's code_version is a hash of exactly these files, so editing e.g. riskva_core/train/ marks
