@@ -46,6 +46,18 @@ def _survivors(tree: list, groups: set[int]) -> list[int]:
     return live
 
 
+def _kill_our_processes() -> None:
+    """On failure: a paused run would idle forever (and keep the code server from shutting down); kill
+    everything this test process started: code server, run worker, launcher, ranks."""
+    procs = psutil.Process().children(recursive=True)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
 def _run_story(instance: dg.DagsterInstance, run_id: str) -> str:
     run = instance.get_run_by_id(run_id)
     events = instance.all_logs(run_id)[-15:]
@@ -104,6 +116,7 @@ def test_cancel_from_dagster_checkpoints_every_rank_and_leaves_no_process(tmp_pa
                 import traceback
 
                 traceback.print_exc()
+                _kill_our_processes()
                 raise
 
     checkpoint = out / "checkpoints" / "checkpoint-1"
