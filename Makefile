@@ -25,7 +25,7 @@ PORT ?= 3000
 MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 5001
 
-.PHONY: install test demo ui mlflow-ui serve smoke bench browser clean print-env gpu-check
+.PHONY: install test demo ui mlflow-ui serve smoke bench browser postgres clean print-env gpu-check
 
 install: $(STAMP)
 
@@ -46,7 +46,16 @@ browser:
 	    || echo "make: could not install chromium; the browser tests will be skipped"; \
 	  else echo "browser tests need Chromium: sudo apt-get install -y chromium fonts-wqy-zenhei"; fi; }
 
-test: install browser
+# PostgreSQL for the scale-out storage test (Debian's package; the test starts its own cluster in a
+# temporary folder on a free port and stops it; nothing is started here).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+	    || echo "make: could not install postgresql; the Postgres test will be skipped"; \
+	  else echo "the Postgres test needs PostgreSQL: sudo apt-get install -y postgresql"; fi; }
+
+test: install browser postgres
 	$(VENV)/bin/pytest
 
 demo: install

@@ -12,7 +12,7 @@ from riskva_core.errors import RiskvaError
 from riskva_core.schema import FIELD_LEVEL, FIELDS, LEVELS
 
 from . import lineage
-from .asset_metadata import CODE_VERSION, DATA, PREVIEW_ROWS, md_cell, md_table
+from .asset_metadata import CODE_VERSIONS, DATA, PREVIEW_ROWS, md_cell, md_table
 from .partitions import dataset_version
 from .resources import DataRootResource
 
@@ -34,7 +34,7 @@ RAW_COLUMN_SCHEMA = dg.TableSchema(
     partitions_def=dataset_version,
     group_name=DATA,
     kinds={"pandas", "csv"},
-    code_version=CODE_VERSION,
+    code_version=CODE_VERSIONS["raw_metadata"],
     check_specs=[
         dg.AssetCheckSpec(
             "schema_valid",
@@ -146,6 +146,11 @@ def _prepare(context: dg.AssetExecutionContext, config: PrepareAssetConfig, path
             "path": dg.MetadataValue.path(str(out)),
             "format": fmt,
             "split_sizes": dg.MetadataValue.json(dict(info["counts"])),
+            # Splits follow each image's seeded hash (stable across versions), so stratification is
+            # approximate: show what each split got per level.
+            "split_levels": dg.MetadataValue.md(md_table(
+                ["split", *LEVELS], [[s, *[info["splits"][s]["levels"].get(lvl, 0) for lvl in LEVELS]]
+                                     for s in info["counts"]])),
             "dagster/row_count": int(sum(info["counts"].values())),
             "bytes": lineage.folder_bytes(out),
             "fingerprint": info["fingerprint"],
@@ -163,13 +168,14 @@ def _prepare(context: dg.AssetExecutionContext, config: PrepareAssetConfig, path
     )
 
 
+# No automation condition: the datasets sensor launches data_job (raw_metadata + both prepared
+# formats) for every new or changed folder, which is the one trigger; an eager condition would
+# need the automation-condition sensor running too and would only duplicate those runs.
 _prepare_kwargs: dict[str, Any] = dict(
     partitions_def=dataset_version,
     group_name=DATA,
-    code_version=CODE_VERSION,
+    code_version=CODE_VERSIONS["sft_jsonl"],
     deps=["raw_metadata"],
-    # Cheap and deterministic: refresh whenever the validated CSV changes.
-    automation_condition=dg.AutomationCondition.eager(),
 )
 
 

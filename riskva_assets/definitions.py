@@ -35,6 +35,7 @@ def build_resources() -> dict:
             tracking_uri=_env("RISKVA_MLFLOW_TRACKING_URI", ""),
             registry_uri=_env("RISKVA_MLFLOW_REGISTRY_URI", ""),
             ui_url=_env("RISKVA_MLFLOW_UI_URL", "http://127.0.0.1:5000"),
+            artifact_root=_env("RISKVA_MLFLOW_ARTIFACT_ROOT", ""),
         ),
         "launcher": TrainingLauncher(
             num_processes=_env_int("RISKVA_NUM_PROCESSES", 1),

@@ -10,9 +10,10 @@ from pydantic import Field
 from riskva_core.train.recipes import DEMO_CPU_MODEL_SIZE
 
 from . import lineage
-from .asset_metadata import CODE_VERSION, MODEL, json_or_none
+from .asset_metadata import CODE_VERSIONS, MODEL, json_or_none
 from .partitions import dataset_version
 from .resources import DataRootResource, TrainingLauncher
+from .resume import plan_resume, run_identity, with_resume
 
 
 class BaseModelConfig(dg.Config):
@@ -24,7 +25,7 @@ class BaseModelConfig(dg.Config):
     partitions_def=dataset_version,
     group_name=MODEL,
     kinds={"pytorch", "huggingface"},
-    code_version=CODE_VERSION,
+    code_version=CODE_VERSIONS["base_model"],
     deps=["sft_jsonl"],
     description="The base model to fine-tune. With TrainingLauncher.base_model_path set (a local folder, a "
     "hub id such as Qwen/Qwen2.5-VL-7B-Instruct resolved through the Hugging Face cache, or a models:/ URI) "
@@ -107,13 +108,15 @@ class TrainConfig(dg.Config):
     partitions_def=dataset_version,
     group_name=MODEL,
     kinds={"pytorch", "deepspeed"},
-    code_version=CODE_VERSION,
+    code_version=CODE_VERSIONS["lora_adapter"],
     deps=["base_model", "sft_jsonl"],
     pool="gpu",
     description="LoRA SFT adapter, trained out of process through Dagster Pipes: `accelerate launch` with the "
     "DeepSpeed ZeRO-2 config runs riskva_assets.pipes_train on every rank; rank 0 alone streams logs and "
     "reports the materialization. Cancelling the run sends SIGTERM to every rank: each saves a checkpoint "
-    "and exits. Runs in the `gpu` pool (limit 1). Never automated: train on purpose (schedule or Launchpad).",
+    "and exits. A retry or re-execution resumes from the newest checkpoint of the same data versions, base "
+    "model and training config (run_identity.json beside the checkpoints); checkpoints of anything else are "
+    "cleared. Runs in the `gpu` pool (limit 1). Never automated: train on purpose (schedule or Launchpad).",
 )
 def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: DataRootResource,
                  launcher: TrainingLauncher) -> dg.MaterializeResult:
@@ -128,7 +131,11 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
         "--output_dir", str(out),
         *train_args,
     ]
-    command = launcher.command(args)
+    identity = run_identity(args, lineage.upstream_data_versions(context, ["sft_jsonl", "base_model"]), base,
+                            launcher.num_processes)
+    resume, why = plan_resume(out, identity)
+    context.log.info(f"checkpoints: {why}")
+    command = launcher.command(with_resume(args, resume))
     context.log.info("training: " + lineage_command(command))
     invocation = launcher.client().run(context=context, command=command, env=launcher.env_vars())
     reported = invocation.get_materialize_result()
@@ -141,6 +148,8 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
             "adapter": dg.MetadataValue.path(str(adapter)),
             "num_processes": launcher.num_processes,
             "recipe": recipe,
+            "resumed": resume,
+            "run_identity": identity["train_args_sha256"][:16],
             "command": dg.MetadataValue.md(f"```\n{lineage_command(command)}\n```"),
         },
         data_version=reported.data_version or dg.DataVersion(digest[:16]),
@@ -153,26 +162,57 @@ def lineage_command(command: list[str]) -> str:
     return format_command(command)
 
 
+def merge_verdict(report: dict) -> tuple[bool, str]:
+    """Whether a merge report says merged == base+adapter: its own ``equivalent`` verdict when it
+    has one, else every recorded logit difference below the tolerance."""
+    if "equivalent" in report:
+        return bool(report["equivalent"]), str(report.get("reason", ""))
+    tol = report.get("tolerance_abs", report.get("tolerance"))
+    diffs = {k: report.get(k) for k in ("max_abs_logit_diff", "reload_max_abs_logit_diff")}
+    if tol is None or diffs["max_abs_logit_diff"] is None:
+        return False, "merge report has no logit difference or tolerance"
+    bad = {k: v for k, v in diffs.items() if v is not None and not float(v) < float(tol)}
+    text = ", ".join(f"{k}={float(v):.3g}" for k, v in diffs.items() if v is not None) + f" (tolerance {tol:g})"
+    return not bad, text
+
+
 @dg.asset(
     partitions_def=dataset_version,
     group_name=MODEL,
     kinds={"pytorch", "safetensors"},
-    code_version=CODE_VERSION,
+    code_version=CODE_VERSIONS["merged_model"],
     deps=["lora_adapter", "base_model"],
     pool="gpu",
+    check_specs=[dg.AssetCheckSpec(
+        "merge_equivalent", asset="merged_model", blocking=True,
+        description="merged and base+adapter give the same logits (merge_report.json); blocks registration "
+        "when they do not",
+    )],
     description="Base model with the LoRA adapter merged in (riskva_core.model.merge) in the base's dtype, "
     "with the report: the saved model and base+adapter give the same logits on a probe input, and how much "
-    "of each layer's LoRA update survived the cast. In the `gpu` pool.",
+    "of each layer's LoRA update survived the cast. The blocking check `merge_equivalent` stops registration "
+    "when the verification fails. In the `gpu` pool.",
 )
 def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,
                  launcher: TrainingLauncher) -> dg.MaterializeResult:
+    from riskva_core.errors import RiskvaError
     from riskva_core.model.merge import MergeConfig, merge
 
     root = paths.layout()
     version = context.partition_key
     out = root.merged_dir(version)
-    report = merge(MergeConfig(base_model_path=base_model_location(paths, launcher, version),
-                               adapter_path=root.train_dir(version) / "adapter", output_dir=out))
+    try:
+        report = merge(MergeConfig(base_model_path=base_model_location(paths, launcher, version),
+                                   adapter_path=root.train_dir(version) / "adapter", output_dir=out))
+    except RiskvaError as exc:
+        # Verification failed (nothing written): record why on the check; registration does not run.
+        return dg.MaterializeResult(
+            metadata={"error": str(exc)},
+            data_version=dg.DataVersion(lineage.text_hash("merge-failed", str(exc))[:16]),
+            check_results=[dg.AssetCheckResult(check_name="merge_equivalent", passed=False,
+                                               severity=dg.AssetCheckSeverity.ERROR, description=str(exc))],
+        )
+    passed, detail = merge_verdict(json_or_none(out / "merge_report.json") or report)
     digest = lineage.folder_hash(out, ("*.safetensors", "*.json"))
     summary = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
     return dg.MaterializeResult(
@@ -180,7 +220,10 @@ def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,
             "merged_model": dg.MetadataValue.path(str(out)),
             "bytes": lineage.folder_bytes(out),
             "merge_report": dg.MetadataValue.json(report),
-            **{f"merge/{k}": v for k, v in summary.items() if isinstance(v, (int, float, str, bool))},
+            **{f"merge/{k}": float(f"{v:.3g}") if isinstance(v, float) else v
+               for k, v in summary.items() if isinstance(v, (int, float, str, bool))},
         },
         data_version=dg.DataVersion(digest[:16]),
+        check_results=[dg.AssetCheckResult(check_name="merge_equivalent", passed=passed,
+                                           severity=dg.AssetCheckSeverity.ERROR, description=detail)],
     )

@@ -1,8 +1,9 @@
 """Registry assets: the MLflow model version, its evaluation report and champion promotion."""
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at runtime.
 
+import dataclasses
 import json
-from typing import Any
+from typing import Optional
 
 import dagster as dg
 from pydantic import Field
@@ -11,9 +12,13 @@ from riskva_core.registry import client as reg
 from riskva_core.errors import RiskvaError
 
 from . import lineage
-from .asset_metadata import CODE_VERSION, REGISTRY, md_table, upstream_metadata
+from .asset_metadata import CODE_VERSIONS, REGISTRY, confusion_table, md_table, rounded, upstream_metadata
 from .partitions import dataset_version
-from .resources import DataRootResource, MlflowResource
+from .resources import DataRootResource, MlflowResource, TrainingLauncher
+
+# Run tag (set when the MLflow run starts, before the version exists) naming the merged model's content
+# hash: a retry or re-execution finds the version already logged for the same content and reuses it.
+MERGED_SHA_TAG = "riskva.merged_model_sha"
 
 
 def _example_image(paths: DataRootResource, version: str) -> bytes:
@@ -32,57 +37,91 @@ class RegisterConfig(dg.Config):
     batch_size: int = Field(default=4, description="images per generate() batch in the served pyfunc")
 
 
+def find_registered(registry: reg.Registry, merged_sha: str) -> Optional[reg.RegisteredVersion]:
+    """The version already registered from a merged model with this content hash, if any.
+
+    Looks up MLflow runs by the run tag (written at run start) and then the version of each run,
+    newest first; a run that crashed before registering has no version and is skipped.
+    """
+    from mlflow.entities import ViewType
+
+    client = registry.client()
+    experiment_id = registry.activate()
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{MERGED_SHA_TAG}` = '{merged_sha}'",
+                              run_view_type=ViewType.ACTIVE_ONLY, order_by=["attributes.start_time DESC"])
+    for run in runs:
+        versions = client.search_model_versions(f"name='{registry.model_name}' and run_id='{run.info.run_id}'")
+        if versions:
+            mv = max(versions, key=lambda v: int(v.version))
+            return reg.RegisteredVersion(name=registry.model_name, version=str(mv.version),
+                                         model_uri=registry.model_uri(str(mv.version)), run_id=run.info.run_id,
+                                         model_id=getattr(mv, "model_id", None), source=mv.source)
+    return None
+
+
 @dg.asset(
     partitions_def=dataset_version,
     group_name=REGISTRY,
     kinds={"mlflow"},
-    code_version=CODE_VERSION,
+    code_version=CODE_VERSIONS["registered_model"],
     pool="gpu",  # loads the model onto the accelerator: one such asset at a time
     deps=["merged_model", "sft_parquet", "sft_jsonl", "raw_metadata"],
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
     description="The merged model logged to MLflow as the RisKVA pyfunc (image bytes/base64 → four report "
     "fields + raw text; signature and input example set), registered as a new version of `riskva`, "
-    "tagged with its lineage and given the alias `challenger`.",
+    "tagged with its lineage (data versions, per-asset code versions, base model) and given the alias "
+    "`challenger`. Idempotent: a retry or re-execution for the same merged-model content reuses the version "
+    "already registered instead of adding one.",
 )
 def registered_model(context: dg.AssetExecutionContext, config: RegisterConfig, paths: DataRootResource,
-                     mlflow: MlflowResource) -> dg.MaterializeResult:
+                     mlflow: MlflowResource, launcher: TrainingLauncher) -> dg.MaterializeResult:
     root = paths.layout()
     version = context.partition_key
     registry = mlflow.registry()
     merged = root.merged_dir(version)
     upstream = lineage.upstream_data_versions(context, ["raw_metadata", "sft_jsonl", "sft_parquet", "base_model",
                                                         "lora_adapter", "merged_model"])
+    merged_sha = upstream.get("merged_model") or lineage.folder_hash(merged, ("*.safetensors", "*.json"))[:16]
     tags = {
         "dataset_version": version,
         "dagster_run_id": context.run_id,
-        "code_version": CODE_VERSION,
+        "base_model": launcher.base_model_path or "demo",
+        **{f"code_version.{k}": v for k, v in CODE_VERSIONS.items()},
         **{f"data_version.{k}": v for k, v in upstream.items()},
+        MERGED_SHA_TAG: merged_sha,
     }
     commit = lineage.git_commit()
     if commit:
         tags["git_commit"] = commit
-    dataset_info = root.prepared_dir(version, "parquet") / "dataset_info.json"
-    rv = registry.log_model(
-        merged,
-        example_image=_example_image(paths, version),
-        tags=tags,
-        params={"dataset_version": version, "merged_model": str(merged)},
-        extra_artifacts={"dataset": dataset_info, "merge": merged / "merge_report.json"},
-        run_name=f"register-{version}",
-        model_config={"max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size},
-    )
+    rv = find_registered(registry, merged_sha)
+    reused = rv is not None
+    if rv is not None:
+        context.log.info(f"merged model {merged_sha} is already registered as version {rv.version}: reusing it")
+        registry.set_tags(rv.version, tags)  # this run's lineage (run id) on the reused version
+    else:
+        dataset_info = root.prepared_dir(version, "parquet") / "dataset_info.json"
+        rv = registry.log_model(
+            merged,
+            example_image=_example_image(paths, version),
+            tags=tags,
+            params={"dataset_version": version, "merged_model": str(merged)},
+            extra_artifacts={"dataset": dataset_info, "merge": merged / "merge_report.json"},
+            run_name=f"register-{version}",
+            model_config={"max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size},
+        )
     registry.set_alias(reg.ALIAS_CHALLENGER, rv.version)
     return dg.MaterializeResult(
         metadata={
             "model_name": rv.name,
             "model_version": rv.version,
+            "reused_existing_version": reused,
             "model_uri": rv.model_uri,
             "challenger_uri": registry.model_uri(reg.ALIAS_CHALLENGER),
             "mlflow_run_id": rv.run_id,
             "mlflow_url": dg.MetadataValue.url(registry.version_url(rv.version)),
             "tags": dg.MetadataValue.json(tags),
         },
-        data_version=dg.DataVersion(lineage.text_hash(rv.name, rv.version, upstream.get("merged_model", ""))[:16]),
+        data_version=dg.DataVersion(lineage.text_hash(rv.name, rv.version, merged_sha)[:16]),
     )
 
 
@@ -90,23 +129,48 @@ def _registered_version(context: dg.AssetExecutionContext) -> str:
     return str(upstream_metadata(context, "registered_model")["model_version"])
 
 
+class ThresholdsConfig(dg.Config):
+    """Absolute thresholds of the promotion rule (riskva_core.registry.promotion.Thresholds)."""
+
+    min_parse_rate: float = Field(default=0.9, description="absolute: challenger parse rate at least this")
+    min_level_accuracy: float = Field(default=0.0, description="absolute: 风险等级 accuracy at least this")
+    beat_majority_baseline: bool = Field(default=True, description="absolute: 风险等级 accuracy above always "
+                                         "answering the test split's most frequent level")
+    min_severe_recall: float = Field(default=0.0, description="absolute: 严重 recall at least this")
+    max_under_grading_rate: float = Field(default=1.0, description="absolute: under-grading at most this")
+
+
+class PromotionConfig(ThresholdsConfig):
+    margin: float = Field(default=0.02, description="non-inferiority margin: on accuracy, severe recall and parse "
+                          "rate the lower 95% bound of challenger − champion must be above −margin")
+    n_resamples: int = Field(default=1000, description="bootstrap resamples")
+    seed: int = Field(default=0, description="bootstrap seed")
+
+
 @dg.asset(
     partitions_def=dataset_version,
     group_name=REGISTRY,
     kinds={"mlflow", "pandas"},
-    code_version=CODE_VERSION,
+    code_version=CODE_VERSIONS["evaluation_report"],
     pool="gpu",  # loads the model onto the accelerator: one such asset at a time
     deps=["registered_model", "sft_parquet"],
     retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
+    check_specs=[dg.AssetCheckSpec(
+        "meets_thresholds", asset="evaluation_report",
+        description="the absolute promotion thresholds (this asset's config; champion_promotion applies its "
+        "own copy) hold for this model version; a warning, not a block: a failing model is still reported",
+    )],
     description="Batch inference of the registered challenger (models:/riskva/<version registered for this "
     "partition>, i.e. @challenger when it is the newest) on the test split, scored by riskva_core.evaluate.report: "
-    "report.json/.md/.html. Headline metrics are also logged on the model version.",
+    "report.json/.md/.html. Headline metrics are also logged on the model version; the check `meets_thresholds` "
+    "records whether the absolute promotion thresholds hold.",
 )
-def evaluation_report(context: dg.AssetExecutionContext, paths: DataRootResource,
+def evaluation_report(context: dg.AssetExecutionContext, config: ThresholdsConfig, paths: DataRootResource,
                       mlflow: MlflowResource) -> dg.MaterializeResult:
-    from riskva_core.evaluate.report import evaluate
-    from riskva_core.registry.promotion import headline
     from riskva_core.evaluate.predict import predict_split
+    from riskva_core.evaluate.report import evaluate
+    from riskva_core.registry import promotion
+    from riskva_core.registry.promotion import headline
 
     root = paths.layout()
     version = context.partition_key
@@ -124,7 +188,16 @@ def evaluation_report(context: dg.AssetExecutionContext, paths: DataRootResource
     registry.log_metrics(model_version, heads)
     registry.set_tags(model_version, {"eval.report": str(out / "report" / "report.html"), "eval.n": report["n"]})
     md = (out / "report" / "report.md").read_text(encoding="utf-8")
-    confusion = report["risk_level"].get("confusion")
+    level = report["risk_level"]
+    thresholds = promotion.Thresholds(**config.model_dump())
+    failures = promotion.absolute_failures(report, thresholds)
+    check = dg.AssetCheckResult(
+        check_name="meets_thresholds", passed=not failures, severity=dg.AssetCheckSeverity.WARN,
+        description="; ".join(failures) or "every absolute threshold holds",
+        metadata={"thresholds": dg.MetadataValue.json(config.model_dump()),
+                  "failures": dg.MetadataValue.json(failures)},
+    )
+    majority = ((report.get("baselines") or {}).get("majority") or {}).get("accuracy")
     return dg.MaterializeResult(
         metadata={
             "report": dg.MetadataValue.md(md),
@@ -132,45 +205,28 @@ def evaluation_report(context: dg.AssetExecutionContext, paths: DataRootResource
             "report_json": dg.MetadataValue.path(str(out / "report" / "report.json")),
             "model_uri": registry.model_uri(model_version),
             "n": int(report["n"]),
-            **{k: float(v) for k, v in heads.items()},
-            "confusion_matrix": dg.MetadataValue.md(_confusion_md(confusion)) if confusion else "n/a",
+            **{k: rounded(float(v)) for k, v in heads.items()},
+            **({"majority_baseline_accuracy": rounded(float(majority))} if majority is not None else {}),
+            "confusion_matrix": confusion_table(level["confusion"], level["labels"]),
             "mlflow_url": dg.MetadataValue.url(registry.version_url(model_version)),
         },
         data_version=dg.DataVersion(lineage.file_sha256(out / "report" / "report.json")[:16]),
+        check_results=[check],
     )
-
-
-def _confusion_md(confusion: Any) -> str:
-    if isinstance(confusion, dict) and "labels" in confusion and "matrix" in confusion:
-        labels, matrix = confusion["labels"], confusion["matrix"]
-    elif isinstance(confusion, dict):
-        labels = list(confusion)
-        matrix = [[confusion[t].get(p, 0) for p in labels] for t in labels]
-    else:
-        return f"```\n{json.dumps(confusion, ensure_ascii=False)}\n```"
-    return md_table(["truth \\ predicted", *labels], [[t, *row] for t, row in zip(labels, matrix)])
-
-
-class PromotionConfig(dg.Config):
-    min_parse_rate: float = Field(default=0.95, description="absolute: challenger parse rate at least this")
-    min_level_accuracy: float = Field(default=0.0, description="absolute: 风险等级 accuracy at least this")
-    min_severe_recall: float = Field(default=0.0, description="absolute: 严重 recall at least this")
-    max_under_grading_rate: float = Field(default=1.0, description="absolute: under-grading at most this")
-    margin: float = Field(default=0.0, description="non-inferiority margin vs champion (paired bootstrap)")
-    n_resamples: int = Field(default=1000, description="bootstrap resamples")
-    seed: int = Field(default=0, description="bootstrap seed")
 
 
 @dg.asset(
     partitions_def=dataset_version,
     group_name=REGISTRY,
     kinds={"mlflow"},
-    code_version=CODE_VERSION,
+    code_version=CODE_VERSIONS["champion_promotion"],
     pool="gpu",  # loads the model onto the accelerator: one such asset at a time
     deps=["evaluation_report"],
-    description="Challenger vs champion on this version's test split (paired bootstrap). The challenger "
-    "becomes `champion` only if it meets the absolute thresholds and is not significantly worse on 风险等级 "
-    "accuracy and severe recall. The decision and its reason are written to the version's tags.",
+    description="Challenger vs champion on this version's test split (paired bootstrap), a non-inferiority "
+    "rule: the challenger becomes `champion` only if it meets the absolute thresholds and, on 风险等级 "
+    "accuracy, severe recall and parse rate, the lower end of the 95% interval of challenger − champion is "
+    "above −margin. Thresholds and margin are this asset's config; the decision, its reason and the "
+    "thresholds used are written to the version's tags.",
 )
 def champion_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, paths: DataRootResource,
                        mlflow: MlflowResource) -> dg.MaterializeResult:
@@ -195,16 +251,24 @@ def champion_promotion(context: dg.AssetExecutionContext, config: PromotionConfi
         write_text(out / f"champion_v{champion}_predictions.jsonl",
                    "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in champ_preds))
         comparisons = promotion.compare(chal_preds, champ_preds, thresholds)
-    decision = promotion.decide(report, comparisons, thresholds, champion if comparisons is not None else None)
+    if champion is not None and champion == challenger:
+        # A re-execution whose registration reused the serving version: nothing to compare or move.
+        decision = promotion.Decision(promote=True, reason=f"v{challenger} is already the champion (same merged "
+                                      "model re-registered); aliases unchanged", champion_version=champion,
+                                      thresholds=dataclasses.asdict(thresholds))
+    else:
+        decision = promotion.decide(report, comparisons, thresholds, champion)
     aliases = promotion.apply_decision(registry, challenger, decision,
                                        {"dagster_run_id": context.run_id, "dataset_version": version})
-    rows = [[m, s.get("n"), s.get("delta"), s.get("ci95"), s.get("p_value")] for m, s in decision.comparisons.items()]
+    rows = [[m, st.get("n"), rounded(st.get("delta")), rounded(st.get("ci95")), rounded(st.get("p_value"))]
+            for m, st in decision.comparisons.items()]
     return dg.MaterializeResult(
         metadata={
             "decision": "promoted" if decision.promote else "kept as challenger",
             "reason": decision.reason,
             "challenger_version": challenger,
             "champion_before": champion or "none",
+            "thresholds": dg.MetadataValue.json(decision.thresholds),
             "aliases": dg.MetadataValue.json(aliases),
             "comparison": dg.MetadataValue.md(md_table(["metric", "n", "Δ", "95% CI", "p"], rows))
             if rows else "no champion to compare with",

@@ -6,6 +6,7 @@ from the environment with ``dg.EnvVar`` (see definitions.py):
     RISKVA_HOME                data root (default ./riskva_home)
     RISKVA_MLFLOW_TRACKING_URI default sqlite:///$RISKVA_HOME/mlflow/mlflow.db
     RISKVA_MLFLOW_REGISTRY_URI default: the tracking URI
+    RISKVA_MLFLOW_ARTIFACT_ROOT artifact root for a database tracking URI (default $RISKVA_HOME/mlflow/artifacts)
     RISKVA_MLFLOW_UI_URL       link target in asset metadata (default http://127.0.0.1:5000)
     RISKVA_NUM_PROCESSES       training ranks (default 1)
     RISKVA_BASE_MODEL          base model: a folder, a hub id (from the HF cache; HF_HUB_OFFLINE honoured)
@@ -43,12 +44,20 @@ class MlflowResource(dg.ConfigurableResource):
     tracking_uri: str = Field(default="", description="Empty: sqlite:///<root>/mlflow/mlflow.db")
     registry_uri: str = Field(default="", description="Empty: same as the tracking URI")
     ui_url: str = Field(default="http://127.0.0.1:5000", description="MLflow UI base URL for links")
+    artifact_root: str = Field(
+        default="", description="Artifact root (folder or URI) for a database tracking URI such as "
+        "postgresql://…; empty: <root>/mlflow/artifacts. Ignored with an http:// tracking server, which "
+        "stores artifacts itself")
 
     def registry(self) -> Registry:
         root = self.paths.layout()
         if self.tracking_uri:
+            artifact_root = None
+            if not self.tracking_uri.startswith(("http://", "https://", "databricks")):
+                # A database backend keeps no artifacts: without a root MLflow would write ./mlruns in the cwd.
+                artifact_root = self.artifact_root or str(root.mlflow_artifact_root)
             return Registry(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri or None,
-                            ui_url=self.ui_url)
+                            artifact_root=artifact_root, ui_url=self.ui_url)
         return Registry.under(root, registry_uri=self.registry_uri or None, ui_url=self.ui_url)
 
 
@@ -89,7 +98,11 @@ class TrainingLauncher(dg.ConfigurableResource):
         ]
 
     def env_vars(self) -> dict[str, str]:
-        return {"PYTHONUNBUFFERED": "1", **self.extra_env}
+        # torchrun's elastic agent (inside `accelerate launch`) SIGKILLs its workers 30 s after it is
+        # signalled unless told otherwise; give the ranks the same grace as the Pipes client, so a
+        # cancel lets every rank finish its checkpoint.
+        return {"PYTHONUNBUFFERED": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(self.termination_timeout_s)),
+                **self.extra_env}
 
     def client(self) -> dg.PipesSubprocessClient:
         from .pipes_client import ProcessGroupPipesClient

@@ -3,9 +3,12 @@
 Reading: the encoding is detected (UTF-8, UTF-8/UTF-16 with BOM, GB18030/GBK); every cell is
 text; headers are normalised; extra columns are kept. Normalising: surrounding whitespace
 everywhere; NFKC for image_id and 风险等级; 嚴重/輕微 → 严重/轻微; full-width ASCII
-letters/digits in the free-text fields. Full-width CJK punctuation (，。：) is kept: it is
-correct Chinese and the model should learn to write it. image_path is only stripped, since
-file names are literal. Every change is returned so the validation report can list it.
+letters/digits in the free-text fields; control characters (NUL, BEL, ESC, C1 codes, zero-width
+and BOM characters) removed from every text cell, CR/CRLF → LF and tab → space, so nothing
+invisible reaches the training text or the tokenizer. Full-width CJK punctuation (，。：) is
+kept: it is correct Chinese and the model should learn to write it. image_path is only
+stripped, since file names are literal (a control character in it is rejected by
+data/images.py). Every change is returned so the validation report can list it.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ from riskva_core.schema import CSV_COLUMNS, FIELD_LEVEL, FIELD_TO_COLUMN, REQUIR
 
 LEVEL_COLUMN = FIELD_TO_COLUMN[FIELD_LEVEL]
 _FULLWIDTH_ALNUM = re.compile(r"[\uff10-\uff19\uff21-\uff3a\uff41-\uff5a]")
+# C0 controls except LF, DEL, C1 controls, and invisible format characters (zero-width space/joiners,
+# word joiner, BOM) that copy-paste from spreadsheets and chat tools leaves in cells.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
 
 
 def decode_csv_bytes(raw: bytes, name: str) -> tuple[str, str]:
@@ -81,17 +87,23 @@ def read_raw_csv(csv_path: str | os.PathLike) -> tuple[pd.DataFrame, str, str]:
 # --------------------------------------------------------------------------- normalising
 
 
+def strip_controls(value: str) -> str:
+    """CRLF/CR → LF, tab → space, then every other control/invisible format character removed."""
+    value = value.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+    return _CONTROL.sub("", value)
+
+
 def normalise_prose(value: str) -> str:
-    """Strip outer whitespace; full-width ASCII letters/digits to ASCII; CJK punctuation kept."""
-    value = _FULLWIDTH_ALNUM.sub(lambda m: unicodedata.normalize("NFKC", m.group()), value)
+    """Controls removed; outer whitespace stripped; full-width ASCII letters/digits to ASCII; CJK punctuation kept."""
+    value = _FULLWIDTH_ALNUM.sub(lambda m: unicodedata.normalize("NFKC", m.group()), strip_controls(value))
     return value.strip()
 
 
 def _normalise_cell(column: str, value: str) -> str:
     if column == LEVEL_COLUMN:
-        return normalize_level(value) or normalize_text(value)
+        return normalize_level(strip_controls(value)) or normalize_text(strip_controls(value))
     if column == "image_id":
-        return normalize_text(value)
+        return normalize_text(strip_controls(value))
     if column == "image_path":
         return value.strip()
     return normalise_prose(value)

@@ -1,41 +1,42 @@
-"""Deterministic train/val/test split, stratified by 风险等级 and grouped by image content.
+"""Deterministic train/val/test split that follows the image, not the dataset version.
 
-- Grouped: rows whose images have the same content hash are one unit, so a duplicated
-  photo never sits in both train and test (that would inflate test scores).
-- Stratified: each level is split on its own, so every split sees every level.
-- Stable across machines and Python versions: units are ordered by
-  sha256(f"{seed}:{group_key}"), never by Python's salted ``hash()`` or by input order.
-- Small levels: when a level has enough units, each split with a non-zero ratio gets
-  at least one of them, and train always keeps at least one.
+Each image (its content hash) is placed by a seeded hash of that content alone:
+``u = sha256(f"{seed}:{image_sha256}")`` read as a number in [0, 1); ``u < test_ratio``
+→ test, ``u < test_ratio + val_ratio`` → val, else train. Why per image and not by ranking
+inside a version: when a version grows (v2 = v1 + new photos), a ranking reshuffles and
+images v1 trained on land in v2's test split, so the champion is scored on its own
+training images. With a per-image draw, an image keeps its split in every version that
+contains it (given the same seed and ratios), and new photos only add to each split.
+
+- Grouped: rows with the same content hash are one unit, so a duplicated photo never
+  sits in both train and test.
+- Stable across machines and Python versions: sha256, never Python's salted ``hash()``,
+  never input order.
+- Stratified only in expectation: each level is split with the same ratios, but small
+  levels can miss a held-out split. ``level_counts`` reports what each split got (the
+  prepared folder's dataset_info.json and the Dagster metadata show it).
 """
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from typing import Sequence
 
 from riskva_core.data.samples import SPLITS
 
-
-def _order_key(seed: int, group: str) -> str:
-    return hashlib.sha256(f"{seed}:{group}".encode("utf-8")).hexdigest()
+_SCALE = float(1 << 64)
 
 
-def _allocate(n: int, val_ratio: float, test_ratio: float) -> tuple[int, int]:
-    """(n_val, n_test) units out of ``n`` for one level."""
-    n_val = round(n * val_ratio)
-    n_test = round(n * test_ratio)
-    while n_val + n_test > max(n - 1, 0):  # train keeps at least one unit
-        if n_val >= n_test and n_val > 0:
-            n_val -= 1
-        else:
-            n_test -= 1
-    # One unit per held-out split when the level can afford it; test first, since
-    # evaluating every level matters more than early-stopping on it.
-    if test_ratio > 0 and n_test == 0 and n - 1 - n_val >= 1:
-        n_test = 1
-    if val_ratio > 0 and n_val == 0 and n - 1 - n_test >= 1:
-        n_val = 1
-    return n_val, n_test
+def unit_draw(seed: int, group: str) -> float:
+    """The image's seeded position in [0, 1): a pure function of (seed, content hash)."""
+    return int(hashlib.sha256(f"{seed}:{group}".encode("utf-8")).hexdigest()[:16], 16) / _SCALE
+
+
+def split_of(group: str, val_ratio: float, test_ratio: float, seed: int) -> str:
+    if not (0.0 <= val_ratio < 1.0 and 0.0 <= test_ratio < 1.0 and val_ratio + test_ratio < 1.0):
+        raise ValueError(f"split ratios val={val_ratio}, test={test_ratio}: each in [0, 1) and together below 1")
+    u = unit_draw(seed, group)
+    return SPLITS[2] if u < test_ratio else SPLITS[1] if u < test_ratio + val_ratio else SPLITS[0]
 
 
 def assign_splits(
@@ -43,21 +44,18 @@ def assign_splits(
 ) -> list[str]:
     """Split name for each row. ``groups[i]`` is row i's group key (its image content hash).
 
-    Rows of one group must share a level (conflicting labels are rejected by validation);
-    a group's level is taken from its first row.
+    ``levels`` is checked for length only: the split no longer depends on the level (see the
+    module docstring); it is kept in the signature so callers report per-level counts.
     """
     if len(levels) != len(groups):
         raise ValueError("levels and groups must have the same length")
-    group_level: dict[str, str] = {}
-    for level, group in zip(levels, groups):
-        group_level.setdefault(group, level)
-    by_level: dict[str, list[str]] = {}
-    for group, level in group_level.items():
-        by_level.setdefault(level, []).append(group)
-    group_split: dict[str, str] = {}
-    for level in sorted(by_level):
-        units = sorted(by_level[level], key=lambda g: _order_key(seed, g))
-        n_val, n_test = _allocate(len(units), val_ratio, test_ratio)
-        for i, group in enumerate(units):
-            group_split[group] = SPLITS[2] if i < n_test else SPLITS[1] if i < n_test + n_val else SPLITS[0]
-    return [group_split[g] for g in groups]
+    cache: dict[str, str] = {}
+    return [cache.setdefault(g, split_of(g, val_ratio, test_ratio, seed)) for g in groups]
+
+
+def level_counts(levels: Sequence[str], splits: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Rows per split and level, e.g. ``{"test": {"严重": 3, ...}, ...}``: how close stratification came."""
+    counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
+    for level, split in zip(levels, splits):
+        counts[split][level] += 1
+    return {s: dict(sorted(c.items())) for s, c in counts.items()}

@@ -215,7 +215,7 @@ def merge(cfg: MergeConfig) -> dict[str, Any]:
         del reloaded
         scale = 1.0 if name == "float32" else max(1.0, float(expected.abs().max()))
         report.update({"max_abs_logit_diff": diff, "logit_scale": scale, "tolerance": tolerance,
-                       "tolerance_abs": tolerance * scale})
+                       "tolerance_abs": tolerance * scale, "equivalent": diff <= tolerance * scale})
         if not diff <= tolerance * scale:
             raise RiskvaError(
                 f"merge verification failed: the saved model and base+adapter logits differ by {diff:.3g} "

@@ -1,13 +1,16 @@
 """Challenger → champion: the promotion rule, and the registry moves that carry it out.
 
-Rule (``decide``): the challenger becomes champion only if
-  1. it meets every absolute threshold (parse rate, 风险等级 accuracy, severe
-     recall, under-grading rate; ``Thresholds``), and
-  2. it is not significantly worse than the current champion on 风险等级 accuracy
-     and on severe recall, measured on the same test samples with a paired
-     bootstrap: "significantly worse" means the whole 95% interval of
-     (challenger − champion) lies below ``-margin``.
-With no champion yet, rule 1 alone decides.
+Rule (``decide``), a non-inferiority test: the challenger becomes champion only if
+  1. it meets every absolute threshold (``Thresholds``: parse rate ≥ 0.9 and 风险等级
+     accuracy above the majority-class baseline by default, so a useless model fails;
+     severe recall and under-grading rate optional), and
+  2. on each guarded metric (风险等级 accuracy, severe recall, parse rate) the *lower*
+     end of the paired-bootstrap 95% interval of (challenger − champion), on the same
+     test samples, is above ``-margin`` (default 0.02). The burden of proof is on the
+     challenger: "not shown to be worse by more than the margin" is required, so a
+     small test split (wide intervals) keeps the champion rather than drifting down.
+With no champion yet, rule 1 alone decides. The thresholds used are written into
+the decision's tags (``promotion.thresholds``) so every decision can be re-checked.
 
 Every decision, kept or not, is written to the version's tags
 (``promotion.decision``, ``promotion.reason``, ``promotion.history`` ...), so the
@@ -28,16 +31,19 @@ from riskva_core.registry.client import ALIAS_CHALLENGER, ALIAS_CHAMPION, ALIAS_
 from riskva_core.schema import FIELD_DESC, FIELD_LEVEL, LEVEL_INVALID, LEVELS, normalize_level
 
 SEVERE = LEVELS[-1]
-COMPARED_METRICS: tuple[str, ...] = ("level_accuracy", "severe_recall")
+# The guarded metrics: the champion may not be shown worse than the margin on any of them.
+COMPARED_METRICS: tuple[str, ...] = ("level_accuracy", "severe_recall", "parse_rate")
 
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
-    min_parse_rate: float = 0.95
+    min_parse_rate: float = 0.9
     min_level_accuracy: float = 0.0
+    # Accuracy must exceed always answering the test split's most frequent level.
+    beat_majority_baseline: bool = True
     min_severe_recall: float = 0.0
     max_under_grading_rate: float = 1.0
-    margin: float = 0.0  # non-inferiority margin for the paired comparison
+    margin: float = 0.02  # non-inferiority margin for the paired comparison
     n_resamples: int = metrics.DEFAULT_RESAMPLES
     seed: int = 0
 
@@ -46,8 +52,8 @@ class Thresholds:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise RiskvaError(f"promotion threshold {name}={value}: must be within [0, 1]")
-        if self.margin < 0:
-            raise RiskvaError(f"promotion margin={self.margin}: must be ≥ 0")
+        if not 0.0 <= self.margin < 1.0:
+            raise RiskvaError(f"promotion margin={self.margin}: must be within [0, 1)")
         if self.n_resamples < 100:
             raise RiskvaError(f"promotion n_resamples={self.n_resamples}: use at least 100")
 
@@ -59,6 +65,7 @@ class Decision:
     failures: tuple[str, ...] = ()
     comparisons: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     champion_version: str | None = None
+    thresholds: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +74,7 @@ class Decision:
             "failures": list(self.failures),
             "comparisons": {k: dict(v) for k, v in self.comparisons.items()},
             "champion_version": self.champion_version,
+            "thresholds": dict(self.thresholds),
         }
 
 
@@ -86,13 +94,15 @@ def headline(report: Mapping[str, Any]) -> dict[str, float | None]:
 
 
 def per_sample_scores(predictions: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per sample id: level correct (0/1) for every sample; severe hit for gold-severe ones.
+    """Per sample id: level correct (0/1) and parsed (0/1) for every sample; severe hit for
+    gold-severe ones.
 
-    Records are infer's: ``id``, ``parsed`` (fields), ``ground_truth`` (fields), and
-    ``error`` for a failed answer, which counts as level INVALID (a miss).
+    Records are infer's: ``id``, ``parsed`` (fields), ``parse_ok``, ``ground_truth`` (fields),
+    and ``error`` for a failed answer, which counts as level INVALID and unparsed (a miss).
     """
     level_correct: dict[str, float] = {}
     severe_hit: dict[str, float] = {}
+    parsed_ok: dict[str, float] = {}
     for i, p in enumerate(predictions):
         sid = str(p.get("id", i))
         gt = p.get("ground_truth")
@@ -101,9 +111,10 @@ def per_sample_scores(predictions: Sequence[Mapping[str, Any]]) -> dict[str, dic
             raise RiskvaError(f"prediction {sid}: has no ground-truth {FIELD_LEVEL}; run inference on a labelled split")
         guess = LEVEL_INVALID if p.get("error") else as_level((p.get("parsed") or {}).get(FIELD_LEVEL))
         level_correct[sid] = float(guess == gold)
+        parsed_ok[sid] = float(bool(p.get("parse_ok", guess != LEVEL_INVALID)) and not p.get("error"))
         if gold == SEVERE:
             severe_hit[sid] = float(guess == SEVERE)
-    return {"level_accuracy": level_correct, "severe_recall": severe_hit}
+    return {"level_accuracy": level_correct, "severe_recall": severe_hit, "parse_rate": parsed_ok}
 
 
 def compare(
@@ -142,6 +153,13 @@ def absolute_failures(report: Mapping[str, Any], t: Thresholds) -> list[str]:
 
     need("parse_rate", lambda v: v >= t.min_parse_rate, f"< {t.min_parse_rate}")
     need("level_accuracy", lambda v: v >= t.min_level_accuracy, f"< {t.min_level_accuracy}")
+    if t.beat_majority_baseline:
+        majority = ((report.get("baselines") or {}).get("majority") or {}).get("accuracy")
+        if majority is None:
+            failures.append("majority-baseline accuracy missing from the report")
+        else:
+            need("level_accuracy", lambda v: v > float(majority),
+                 f"not above the majority-class baseline {float(majority):.3f}")
     if t.min_severe_recall > 0:
         need("severe_recall", lambda v: v >= t.min_severe_recall, f"< {t.min_severe_recall}")
     if t.max_under_grading_rate < 1:
@@ -157,26 +175,44 @@ def decide(
 ) -> Decision:
     """Apply the rule; ``comparisons`` is ``compare(...)``'s result, or None with no champion."""
     failures = absolute_failures(challenger_report, thresholds)
-    for metric, stats in (comparisons or {}).items():
-        ci = stats.get("ci95")
-        if ci is not None and ci[1] < -thresholds.margin:
-            failures.append(
-                f"significantly worse than champion v{champion_version} on {metric}: "
-                f"Δ={stats['delta']:+.3f}, 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}]"
-            )
+    if comparisons is not None:
+        failures += non_inferiority_failures(comparisons, thresholds.margin, champion_version)
     if failures:
         reason = "kept as challenger: " + "; ".join(failures)
     elif comparisons is None:
         reason = "no champion yet; meets every absolute threshold"
     else:
-        reason = f"meets every threshold and is not significantly worse than champion v{champion_version}"
+        reason = (f"meets every threshold and is non-inferior to champion v{champion_version} "
+                  f"(lower 95% bound of Δ above −{thresholds.margin:g} on {', '.join(COMPARED_METRICS)})")
     return Decision(
         promote=not failures,
         reason=reason,
         failures=tuple(failures),
         comparisons={k: dict(v) for k, v in (comparisons or {}).items()},
         champion_version=champion_version,
+        thresholds=dataclasses.asdict(thresholds),
     )
+
+
+def non_inferiority_failures(comparisons: Mapping[str, Mapping[str, Any]], margin: float,
+                             champion_version: str | None) -> list[str]:
+    """One failure per guarded metric whose interval's lower end is not above ``-margin``.
+
+    A metric with no paired samples cannot show non-inferiority, so it fails too: an
+    unattended loop must not promote on evidence it does not have.
+    """
+    failures = []
+    for metric in COMPARED_METRICS:
+        stats = comparisons.get(metric) or {}
+        ci = stats.get("ci95")
+        if ci is None:
+            failures.append(f"non-inferiority on {metric} not shown: no paired samples")
+        elif not ci[0] > -margin:
+            failures.append(
+                f"not shown non-inferior to champion v{champion_version} on {metric}: "
+                f"Δ={stats['delta']:+.3f}, 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}], lower end ≤ −{margin:g}"
+            )
+    return failures
 
 
 # --- registry moves --------------------------------------------------------------
@@ -220,6 +256,8 @@ def _make_champion(registry: Registry, version: str) -> str | None:
 def apply_decision(registry: Registry, version: str, decision: Decision, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Record the decision on ``version``; move ``champion`` to it when it won. Returns aliases."""
     info = {"compared_to": decision.champion_version or "none", **(extra or {})}
+    if decision.thresholds:
+        info["thresholds"] = json.dumps(decision.thresholds, sort_keys=True)
     if decision.comparisons:
         info["comparison"] = json.dumps(decision.comparisons, sort_keys=True)
     if decision.promote:
@@ -283,6 +321,7 @@ __all__ = [
     "compare",
     "decide",
     "headline",
+    "non_inferiority_failures",
     "per_sample_scores",
     "promote",
     "record",

@@ -1,6 +1,7 @@
 """The asset graph materialized in-process on a temporary data root and Dagster instance."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -105,7 +106,10 @@ def test_whole_graph_with_tiny_model_two_ranks(home: Path):
         assert result.success
         done = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
         assert sorted(done) == sorted(a.key.to_user_string() for a in ALL_ASSETS)  # each exactly once
-        assert [c.check_name for c in result.get_asset_check_evaluations()] == ["schema_valid"]
+        checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+        assert set(checks) == {"schema_valid", "merge_equivalent", "meets_thresholds"}
+        assert checks["merge_equivalent"].passed and "tolerance" in checks["merge_equivalent"].description
+        assert "thresholds" in checks["meets_thresholds"].metadata
         # Pipes: rank 0's final report is the one materialization, with the world size it saw.
         (lora,) = result.asset_materializations_for_node("lora_adapter")
         assert lora.metadata["world_size"].value == 2 and lora.metadata["reported_by_rank"].value == 0
@@ -115,15 +119,49 @@ def test_whole_graph_with_tiny_model_two_ranks(home: Path):
         version = reg.metadata["model_version"].value
         (ev,) = result.asset_materializations_for_node("evaluation_report")
         assert "parse_rate" in ev.metadata and Path(ev.metadata["report_html"].value).is_file()
+        assert ev.metadata["parse_rate"].value == round(ev.metadata["parse_rate"].value, 3)
+        table = ev.metadata["confusion_matrix"].value
+        assert [c.name for c in table.schema.columns] == ["truth \\ predicted", "轻微", "中等", "严重", "INVALID"]
+        assert [r.data["truth \\ predicted"] for r in table.records] == ["轻微", "中等", "严重", "INVALID"]
+        (promo,) = result.asset_materializations_for_node("champion_promotion")
+        assert promo.metadata["thresholds"].value["margin"] == 0.02
     registry = Registry.under(DataRoot(home))
     assert registry.alias_version("challenger") == version
     tags = registry.get_version(version).tags
-    assert tags["dataset_version"] == VERSION and tags["code_version"]
+    assert tags["dataset_version"] == VERSION
     assert {"data_version.raw_metadata", "data_version.sft_jsonl", "data_version.merged_model"} <= set(tags)
     assert tags["dagster_run_id"] == result.run_id and "eval.parse_rate" in tags
+    assert tags["code_version.lora_adapter"] and tags["base_model"] == "demo"
     assert tags["promotion.decision"] in {"promoted", "rejected"}
+    assert json.loads(tags["promotion.thresholds"])["min_parse_rate"] == 0.0
     registry.activate()
     model = mlflow.pyfunc.load_model("models:/riskva@challenger")
     image = read_samples(home / "prepared" / VERSION / "parquet", "test")[0].image_bytes
     out = model.predict(pd.DataFrame({"image": [image]}))
     assert len(out) == 1 and isinstance(out["raw_output"][0], str)
+
+
+def test_registering_twice_makes_one_model_version(tmp_path: Path):
+    """A retry or re-execution of registered_model reuses the version of the same merged model."""
+    from model_fixtures import make_parquet_twin, make_prepared_dataset, make_tiny_model
+
+    from riskva_core.paths import DataRoot
+    from riskva_core.registry.client import Registry
+
+    home = tmp_path / "home"
+    root = DataRoot(home)
+    jsonl = make_prepared_dataset(root.prepared_dir(VERSION, "jsonl"), n=6)
+    make_parquet_twin(jsonl, root.prepared_dir(VERSION, "parquet"))
+    make_tiny_model(root.merged_dir(VERSION), jsonl)
+    run_config = dg.RunConfig(ops={"registered_model": {"config": {"max_new_tokens": 4, "batch_size": 1}}})
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
+        runs = [dg.materialize(ALL_ASSETS, selection=["registered_model"], partition_key=VERSION, instance=instance,
+                               run_config=run_config, resources=_resources(home)) for _ in range(2)]
+    first, second = (r.asset_materializations_for_node("registered_model")[0].metadata for r in runs)
+    assert first["model_version"].value == second["model_version"].value == "1"
+    assert not first["reused_existing_version"].value and second["reused_existing_version"].value
+    registry = Registry.under(root)
+    assert [str(v.version) for v in registry.client().search_model_versions("name='riskva'")] == ["1"]
+    tags = registry.get_version("1").tags
+    assert tags["dagster_run_id"] == runs[1].run_id and registry.alias_version("challenger") == "1"

@@ -31,18 +31,45 @@ def test_every_asset_is_partitioned_described_and_versioned():
         assert node.kinds, key
 
 
-def test_training_is_pooled_and_never_automated_and_schema_check_blocks():
+def test_training_is_pooled_and_nothing_is_inertly_automated_and_checks_block():
     graph = defs.resolve_asset_graph()
-    lora = defs.get_assets_def("lora_adapter")
     # Every asset that puts a model on the accelerator shares the pool (promotion loads two).
     for key in ("lora_adapter", "merged_model", "registered_model", "evaluation_report", "champion_promotion"):
         assert defs.get_assets_def(key).op.pool == "gpu", key
-    assert graph.get(dg.AssetKey("lora_adapter")).automation_condition is None
-    raw = defs.get_assets_def("raw_metadata")
-    (spec,) = raw.check_specs
-    assert spec.name == "schema_valid" and spec.blocking
+    # No asset declares an automation condition that no sensor would evaluate: the datasets sensor
+    # and the schedule are the triggers.
+    assert all(graph.get(k).automation_condition is None for k in graph.get_all_asset_keys())
+    checks = {(s.asset_key.to_user_string(), s.name): s.blocking
+              for k in graph.get_all_asset_keys() for s in defs.get_assets_def(k).check_specs}
+    assert checks == {("raw_metadata", "schema_valid"): True, ("merged_model", "merge_equivalent"): True,
+                      ("evaluation_report", "meets_thresholds"): False}
     assert {p.to_user_string() for p in graph.get(dg.AssetKey("sft_jsonl")).parent_keys} == {"raw_metadata"}
     assert {p.to_user_string() for p in graph.get(dg.AssetKey("lora_adapter")).parent_keys} == {"base_model", "sft_jsonl"}
+
+
+def test_code_versions_follow_the_core_source_each_asset_runs(tmp_path: Path):
+    import shutil
+
+    from riskva_assets.asset_metadata import ASSET_SOURCES, CODE_VERSIONS, REPO_ROOT, source_version
+
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()} == CODE_VERSIONS
+    assert len({CODE_VERSIONS[k] for k in ("raw_metadata", "lora_adapter", "merged_model", "evaluation_report")}) == 4
+    # Editing the training code changes lora_adapter's code version and nothing upstream of it.
+    copy = tmp_path / "repo"
+    for item in {i for src in ASSET_SOURCES.values() for i in src}:
+        target = copy / item
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (REPO_ROOT / item).is_dir():
+            shutil.copytree(REPO_ROOT / item, target, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(REPO_ROOT / item, target)
+    before = {k: source_version(src, copy) for k, src in ASSET_SOURCES.items()}
+    assert before == CODE_VERSIONS
+    with (copy / "riskva_core/train/sft.py").open("a", encoding="utf-8") as fh:
+        fh.write("\n# a change to the training loop\n")
+    after = {k: source_version(src, copy) for k, src in ASSET_SOURCES.items()}
+    assert {k for k in after if after[k] != before[k]} == {"lora_adapter"}
 
 
 def test_jobs_sensor_schedule_present():

@@ -35,7 +35,8 @@ def test_folder_preview_shows_counts_levels_and_rows(prepared, fmt):
     train = next(l for l in lines if l.startswith("train "))
     assert train.split()[1:] == [str(info["counts"]["train"])] + [str(info["splits"]["train"]["levels"][lvl]) for lvl in ("轻微", "中等", "严重")] + ["0"]
     assert next(l for l in lines if l.startswith("total ")).split()[1] == "21"
-    assert text.count("[train ") == 2 and text.count("[val ") == 2 and text.count("[test ") == 2
+    # Up to num_rows rows per split (splits follow each image's hash, so a small split may hold fewer).
+    assert all(text.count(f"[{s} ") == min(2, info["counts"][s]) > 0 for s in ("train", "val", "test"))
     assert "  answer: **风险描述**: " in text
 
 

@@ -49,6 +49,20 @@ def test_prose_keeps_cjk_punctuation_but_fixes_fullwidth_alnum():
     assert normalise_prose("  裂缝宽约２ｍｍ，需修补。 ") == "裂缝宽约2mm，需修补。"
 
 
+def test_control_characters_never_reach_the_fields(make_raw_dataset):
+    """NUL, BEL, ESC, zero-width and BOM characters are removed (and listed); a cell that was
+    nothing but control characters is empty, hence rejected with a reason."""
+    rows = [row(0, **{"data_风险": "墙面\x00开裂\u200b，存在\x07渗水\x1b隐患\ufeff", "data_缺陷描述": "裂缝\r\n宽约2mm\t"}),
+            row(1, **{"data_纠正和预防建议": "\x00\x00"}), row(2)]
+    ds = make_raw_dataset(rows)
+    result = validate(ds.csv_path, ds.root)
+    (rec,) = [r for r in result.records if r.row == 0]
+    assert rec.fields["风险"] == "墙面开裂，存在渗水隐患" and rec.fields["缺陷描述"] == "裂缝\n宽约2mm"
+    assert _reasons(result) == {1: ["data_纠正和预防建议 is empty"]}
+    assert {(c["row"], c["column"]) for c in result.report["normalised"]} >= {(0, "data_风险"), (1, "data_纠正和预防建议")}
+    assert not any(ch in json.dumps([r.fields for r in result.records]) for ch in ("\\u0000", "\\u200b", "\\u001b"))
+
+
 def test_empty_cells_each_give_a_reason():
     out, _ = normalise_frame(pd.DataFrame([row(0, **{"data_风险": "  ", "data_缺陷描述": ""}), row(1)]))
     assert schema_failures(out) == {0: ["data_风险 is empty", "data_缺陷描述 is empty"]}

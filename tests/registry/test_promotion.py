@@ -27,39 +27,77 @@ def _records(n: int, correct: int, severe_correct: bool = True) -> list[dict]:
     return out
 
 
-def _report(parse_rate: float, accuracy: float, severe_recall: float = 1.0) -> dict:
+def _report(parse_rate: float, accuracy: float, severe_recall: float = 1.0, majority: float = 0.34) -> dict:
     return {"n": 60, "parse_rate": parse_rate,
-            "risk_level": {"accuracy": accuracy, "severe_recall": severe_recall, "under_grading_rate": 0.1}}
+            "risk_level": {"accuracy": accuracy, "severe_recall": severe_recall, "under_grading_rate": 0.1},
+            "baselines": {"majority": {"level": "中等", "accuracy": majority}}}
+
+
+def _stats(lo: float, hi: float) -> dict:
+    return {"n": 60, "delta": (lo + hi) / 2, "ci95": [lo, hi], "p_value": 0.5}
 
 
 def test_no_champion_absolute_thresholds_decide():
     ok = promotion.decide(_report(0.97, 0.8), None)
     assert ok.promote and "no champion" in ok.reason
-    bad = promotion.decide(_report(0.90, 0.8), None)
-    assert not bad.promote and "parse_rate=0.900 < 0.95" in bad.reason
+    assert ok.thresholds["margin"] == 0.02 and ok.thresholds["min_parse_rate"] == 0.9
+    bad = promotion.decide(_report(0.85, 0.8), None)
+    assert not bad.promote and "parse_rate=0.850 < 0.9" in bad.reason
+    # A useless model (always the majority level) fails the default thresholds.
+    useless = promotion.decide(_report(1.0, 0.34, majority=0.34), None)
+    assert not useless.promote and "majority-class baseline 0.340" in useless.reason
     t = promotion.Thresholds(min_level_accuracy=0.85, min_severe_recall=0.9)
     worse = promotion.decide(_report(0.99, 0.8, 0.5), None, t)
     assert not worse.promote and len(worse.failures) == 2
 
 
-def test_paired_comparison_blocks_a_significantly_worse_challenger():
+def test_interval_reaching_below_the_margin_is_refused():
+    """[−0.10, +0.02]: not significantly worse, but not shown non-inferior either → refused."""
+    wide = {"level_accuracy": _stats(-0.10, 0.02), "severe_recall": _stats(-0.01, 0.05),
+            "parse_rate": _stats(0.0, 0.0)}
+    d = promotion.decide(_report(1.0, 0.9), wide, champion_version="3")
+    assert not d.promote and d.failures == (
+        "not shown non-inferior to champion v3 on level_accuracy: Δ=-0.040, 95% CI [-0.100, +0.020], "
+        "lower end ≤ −0.02",)
+    # Every guarded metric's lower end above −margin → promoted.
+    tight = {**wide, "level_accuracy": _stats(-0.015, 0.03)}
+    ok = promotion.decide(_report(1.0, 0.9), tight, champion_version="3")
+    assert ok.promote and "non-inferior to champion v3" in ok.reason
+    # The margin is configurable; exactly at −margin is not above it.
+    assert not promotion.decide(_report(1.0, 0.9), tight, promotion.Thresholds(margin=0.015), "3").promote
+    assert promotion.decide(_report(1.0, 0.9), wide, promotion.Thresholds(margin=0.11), "3").promote
+    # A guarded metric without paired samples cannot show non-inferiority.
+    missing = {**tight, "severe_recall": {"n": 0, "delta": None, "ci95": None, "p_value": None}}
+    assert "severe_recall not shown: no paired samples" in promotion.decide(_report(1.0, 0.9), missing, champion_version="3").reason
+    with pytest.raises(RiskvaError, match="margin"):
+        promotion.Thresholds(margin=-0.1)
+
+
+def test_paired_comparison_on_predictions():
     champion = _records(90, correct=90)
     worse = _records(90, correct=20, severe_correct=False)
     cmp = promotion.compare(worse, champion)
-    assert cmp["level_accuracy"]["n"] == 90 and cmp["severe_recall"]["n"] == 30
+    assert cmp["level_accuracy"]["n"] == 90 and cmp["severe_recall"]["n"] == 30 and cmp["parse_rate"]["n"] == 90
     assert cmp["level_accuracy"]["ci95"][1] < 0
-    d = promotion.decide(_report(1.0, 0.22), cmp, champion_version="3")
-    assert not d.promote and "significantly worse than champion v3 on level_accuracy" in d.reason
+    d = promotion.decide(_report(1.0, 0.5), cmp, champion_version="3")
+    assert not d.promote and "not shown non-inferior to champion v3 on level_accuracy" in d.reason
     assert "severe_recall" in d.reason
-    # A slightly different but not significantly worse challenger passes.
-    close = _records(90, correct=88)
-    d2 = promotion.decide(_report(1.0, 0.98), promotion.compare(close, champion), champion_version="3")
-    assert d2.promote, d2.reason
+    # Slightly worse on a small split (88 vs 90 right): the interval reaches below −0.02 → refused.
+    close = promotion.compare(_records(90, correct=88), champion)
+    assert close["level_accuracy"]["ci95"][0] < -0.02
+    assert not promotion.decide(_report(1.0, 0.98), close, champion_version="3").promote
+    # At least as good everywhere → promoted.
+    better = promotion.compare(_records(90, correct=90), _records(90, correct=85))
+    assert promotion.decide(_report(1.0, 1.0), better, champion_version="3").promote
+    # An unparsed answer counts against parse_rate.
+    broken = [dict(r, parse_ok=False) for r in _records(90, 90)]
+    assert promotion.compare(broken, champion)["parse_rate"]["delta"] == -1.0
 
 
 def test_scores_treat_errors_as_misses_and_need_ground_truth():
     recs = [{"id": "a", "ground_truth": {"风险等级": "严重"}, "parsed": {"风险等级": "严重"}, "error": "bad image"}]
-    assert promotion.per_sample_scores(recs) == {"level_accuracy": {"a": 0.0}, "severe_recall": {"a": 0.0}}
+    assert promotion.per_sample_scores(recs) == {"level_accuracy": {"a": 0.0}, "severe_recall": {"a": 0.0},
+                                                "parse_rate": {"a": 0.0}}
     with pytest.raises(RiskvaError, match="ground-truth"):
         promotion.per_sample_scores([{"id": "b", "parsed": {}}])
     with pytest.raises(RiskvaError, match="min_parse_rate"):
@@ -101,7 +139,8 @@ def test_registry_round_trip_promote_reject_rollback(registry_with_versions: Reg
     d3 = promotion.decide(_report(0.99, 0.1), cmp3, champion_version="2")
     assert promotion.apply_decision(reg, "3", d3) == {"challenger": "3", "champion": "2", "previous_champion": "1"}
     tags3 = reg.get_version("3").tags
-    assert tags3["promotion.decision"] == "rejected" and "significantly worse" in tags3["promotion.reason"]
+    assert tags3["promotion.decision"] == "rejected" and "not shown non-inferior" in tags3["promotion.reason"]
+    assert json.loads(tags3["promotion.thresholds"])["margin"] == 0.02
     # Rollback to the previous champion; then manual promotion of v3 with a reason.
     assert promotion.rollback(reg, "v2 misgrades site photos") == {
         "challenger": "3", "champion": "1", "previous_champion": "2"}
