@@ -32,6 +32,12 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 _CPU_RANKS = {"configured": False}
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def init_cpu_ranks(argv: list[str]) -> bool:
     """Set up the gloo process group when launched on CPU ranks; True if it did.
 
@@ -218,9 +224,13 @@ class RiskvaTrainingArguments(TrainingArguments):
             self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}  # the seed recipe's floor: 10 % of the peak
         if self.accelerator_config is None and _CPU_RANKS["configured"]:
             self.accelerator_config = {"use_configured_state": True}  # keep the gloo group set up below
-        if self.gradient_checkpointing_kwargs is None:
+        if self.gradient_checkpointing_kwargs is None and self.activation_checkpointing_kwargs is None:
             # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DeepSpeed ZeRO-3.
-            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        if (self.bf16 or self.fp16) and not self.use_cpu and not _has_gpu():
+            # The seed's --bf16 on CPU ranks: bf16 autocast on the CPU, as the old loop did
+            # (upstream refuses bf16 without a GPU unless use_cpu is set).
+            self.use_cpu = True
         if self.early_stopping_patience is not None and (self.early_stopping_patience <= 0
                                                           or not self.load_best_model_at_end):
             raise RiskvaError("--early_stopping_patience needs a positive value and --load_best_model_at_end True")
