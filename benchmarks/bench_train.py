@@ -69,7 +69,8 @@ def main() -> int:
             argv = to_argv({**DEMO_CPU, "save_steps": 0, "logging_steps": a.steps, "report_to": "none",
                             "dataloader_num_workers": a.workers},
                            model_name_or_path=model, dataset_path=data, output_dir=root / f"run{i}", max_steps=a.steps)
-            runs.append(train(config_from_args(argv))["train_samples_per_second"])
+            result = train(config_from_args(argv))
+            runs.append(result["train_samples_per_second"])
         train_sps = max(runs)
 
         processor = load_processor(model, DEMO_CPU["min_pixels"], DEMO_CPU["max_pixels"])
@@ -87,7 +88,7 @@ def main() -> int:
 
     print(f"torch threads {torch.get_num_threads()}, DataLoader workers {a.workers}")
     print(f"training (small model, DEMO_CPU, {a.steps} steps): {train_sps:8.2f} samples/s "
-          f"(runs: {', '.join(f'{r:.2f}' for r in runs)})")
+          f"(runs: {', '.join(f'{r:.2f}' for r in runs)}); mean train loss {result['train_loss']:.4f}")
     vs_old = train_sps / OLD_LOOP_SAMPLES_PER_S
     print(f"Trainer vs the old accelerate loop ({OLD_LOOP_SAMPLES_PER_S} samples/s): {vs_old:.2f}x "
           f"{'OK' if vs_old >= 0.9 else 'MORE THAN 10% SLOWER'}")

@@ -152,7 +152,7 @@ def main() -> int:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from riskva_core.train.config import TrainConfig
+    from riskva_core.train.config import TrainableArguments
 
     cuda = torch.cuda.is_available() and not tiny
     if not cuda and not tiny:
@@ -171,8 +171,7 @@ def main() -> int:
     n_lm = n_all - n_vis - n_embed + model.lm_head.weight.numel()  # lm_head matmul counts, the lookup does not
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    target = TrainConfig(model_name_or_path="-", dataset_path=Path("."), output_dir=Path("."),
-                         lora_r=64, lora_alpha=128).lora_target_regex()
+    target = TrainableArguments(lora_r=64, lora_alpha=128).lora_target_regex()
     model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0, target_modules=target,
                                              bias="none", task_type="CAUSAL_LM"))
     for n, p in model.named_parameters():
