@@ -108,3 +108,32 @@ def test_zero3_three_cpu_ranks_partitioned_weights_uneven_eval_finishes(env, tmp
 
     base = sum(p.numel() for p in load_model(model).parameters())
     assert total > base and metrics["final"]["trainable_parameters"] > 0
+
+
+def test_deepspeed_flag_under_torchrun_zero3_counts_partitioned_weights(env, tmp_path):
+    """`--deepspeed ds.json` without accelerate's config (torchrun): the model loads already
+    partitioned (zero.Init), so a plain numel count would be 0; the counts must match one process's."""
+    from transformers.trainer_pt_utils import get_model_param_count
+
+    from riskva_core.model.loading import load_model
+    from riskva_core.train.config import TrainableArguments
+    from riskva_core.train.trainable import apply_trainable
+
+    root, data, model = env
+    ds = json.loads((REPO / "configs" / "ds_zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    out, paths = _paths(root, data, model, "torchrun_zero3")
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
+           "--master_port", str(29900 + os.getpid() % 90), "-m", "riskva_core.train", "--deepspeed",
+           str(tmp_path / "ds.json"), *paths, *SMALL, "--per_device_train_batch_size", "1",
+           "--gradient_accumulation_steps", "1", "--max_steps", "1", "--lora_r", "4", "--lora_alpha", "8",
+           "--train_lm_head", "True", "--save_steps", "0", "--report_to", "none"]
+    env_ = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    p = subprocess.run(cmd, cwd=REPO, env=env_, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "world size 2 (DeepSpeed ZeRO-3)" in p.stderr
+    final = _adapter_ok(out)["final"]
+    local = apply_trainable(load_model(model), TrainableArguments(lora_r=4, lora_alpha=8, train_lm_head=True), seed=0)
+    assert final["trainable_parameters"] == get_model_param_count(local, trainable_only=True) > 0
+    assert final["total_parameters"] == get_model_param_count(local)
