@@ -312,3 +312,21 @@ def test_flags_help_and_validation(env):
         config_from_args(base + ["--merger_lr", "0"])
     with pytest.raises(RiskvaError, match="--merger_lr needs --tune_merger"):
         config_from_args(base + ["--merger_lr", "1e-2", "--tune_merger", "False"])
+
+
+def test_early_stopping_and_best_checkpoint(env):
+    """--early_stopping_patience through Trainer's EarlyStoppingCallback; the adapter is the best step's.
+
+    With --greater_is_better True on a falling eval_loss, the first evaluation stays the best, so
+    patience 1 stops at the second one and the best checkpoint is step 1.
+    """
+    root, data, model = env
+    out = root / "early"
+    args = _args(model, data, out, max_steps=6, save_steps=1, eval_steps=1, report_to="none",
+                 load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
+                 early_stopping_patience=1, lora_dropout=0.0)
+    result = train(config_from_args(args))
+    assert result["step"] == 2 and result["best_model_checkpoint"] == str(out / "checkpoint-1")
+    evals = [h["eval_loss"] for h in json.loads((out / "adapter" / "metrics.json").read_text())["history"]
+             if "eval_loss" in h]
+    assert evals[1] < evals[0] and result["eval_loss"] == pytest.approx(evals[0])  # the kept weights are step 1's
