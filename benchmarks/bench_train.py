@@ -1,10 +1,14 @@
 """CPU training throughput of the demo `small` model through the real entry point, vs data loading.
 
-    python benchmarks/bench_train.py [--dataset_path PREPARED] [--steps 20] [--workers 0]
+    python benchmarks/bench_train.py [--dataset_path PREPARED] [--steps 20] [--workers 0] [--repeat 3]
 
 1. Builds (or reuses) a prepared synthetic dataset and the `small` tiny model.
-2. Runs ``riskva_core.train.train`` (the DEMO_CPU recipe, --max_steps N) and reads its
-   samples/s and tokens/s.
+2. Runs ``riskva_core.train.train`` (transformers.Trainer, the DEMO_CPU recipe, --max_steps N)
+   ``--repeat`` times and reads Trainer's train_samples_per_second (timed from the first step,
+   after model/optimizer preparation, as the old loop timed itself); reports the best run and
+   its ratio to the hand-written accelerate loop it replaced (OLD_LOOP_SAMPLES_PER_S, measured
+   with this script before the change). Target: not more than 10 % slower. The machine is
+   shared, so compare the best of several runs, measured close in time.
 3. Runs the collator + DataLoader alone over the same samples with the same pixel budget
    and prints data-loading samples/s and its ratio to what training consumes (target >= 5x:
    the loader must never be what the CPU waits on).
@@ -20,6 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The old accelerate loop (commit ac9fe7a), `python benchmarks/bench_train.py --steps 20` on the
+# 2-core dev machine, 60 synthetic images, DEMO_CPU, 0 workers: best of the runs recorded in the
+# issue-12 note (the machine is shared; a loaded run measured as low as 0.72). Interleaved A/B on the
+# same loaded machine (old, new, old, new, …; 20 steps each): old 1.94, 1.10, 1.40; Trainer 1.43,
+# 2.23, 4.58 samples/s, the same mean loss 4.3747 for every Trainer run (deterministic).
+OLD_LOOP_SAMPLES_PER_S = 7.78
 
 
 def _dataset(root: Path, n: int) -> Path:
@@ -48,17 +59,21 @@ def main() -> int:
     ap.add_argument("--dataset_path", type=Path, help="prepared folder (default: synthesise 60 images)")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps to time (default 20)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for both measurements")
+    ap.add_argument("--repeat", type=int, default=1, help="training runs; the best is reported (default 1)")
     a = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = a.dataset_path or _dataset(root, 60)
         model = build_tiny_model(TinyModelConfig(output_dir=root / "model", dataset_path=data, size=DEMO_CPU_MODEL_SIZE))
-        argv = to_argv({**DEMO_CPU, "save_steps": 0, "logging_steps": a.steps, "report_to": "none",
-                        "dataloader_num_workers": a.workers},
-                       model_name_or_path=model, dataset_path=data, output_dir=root / "run", max_steps=a.steps)
-        result = train(config_from_args(argv))
-        train_sps, train_tps = result["train/samples_per_s"], result["train/tokens_per_s"]
+        runs = []
+        for i in range(a.repeat):
+            argv = to_argv({**DEMO_CPU, "save_steps": 0, "logging_steps": a.steps, "report_to": "none",
+                            "dataloader_num_workers": a.workers},
+                           model_name_or_path=model, dataset_path=data, output_dir=root / f"run{i}", max_steps=a.steps)
+            result = train(config_from_args(argv))
+            runs.append(result["train_samples_per_second"])
+        train_sps = max(runs)
 
         processor = load_processor(model, DEMO_CPU["min_pixels"], DEMO_CPU["max_pixels"])
         ds = SFTDataset(read_samples(data, "train"), processor, DEMO_CPU["max_length"])
@@ -74,7 +89,11 @@ def main() -> int:
         load_sps, load_tps = n / dt, tokens / dt
 
     print(f"torch threads {torch.get_num_threads()}, DataLoader workers {a.workers}")
-    print(f"training (small model, DEMO_CPU, {a.steps} steps): {train_sps:8.2f} samples/s {train_tps:10.1f} tokens/s")
+    print(f"training (small model, DEMO_CPU, {a.steps} steps): {train_sps:8.2f} samples/s "
+          f"(runs: {', '.join(f'{r:.2f}' for r in runs)}); mean train loss {result['train_loss']:.4f}")
+    vs_old = train_sps / OLD_LOOP_SAMPLES_PER_S
+    print(f"Trainer vs the old accelerate loop ({OLD_LOOP_SAMPLES_PER_S} samples/s): {vs_old:.2f}x "
+          f"{'OK' if vs_old >= 0.9 else 'MORE THAN 10% SLOWER'}")
     print(f"collator + DataLoader alone:                {load_sps:8.2f} samples/s {load_tps:10.1f} tokens/s")
     ratio = load_sps / max(train_sps, 1e-9)
     print(f"data loading / training consumption: {ratio:.1f}x (target >= 5x) {'OK' if ratio >= 5 else 'BELOW TARGET'}")

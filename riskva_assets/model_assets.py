@@ -86,7 +86,8 @@ class TrainConfig(dg.Config):
     lora_r: Optional[int] = Field(default=None, description="LoRA rank")
     lora_alpha: Optional[int] = Field(default=None, description="LoRA alpha")
     seed: Optional[int] = Field(default=None, description="training seed")
-    extra_args: list[str] = Field(default_factory=list, description="more riskva_core.train flags, verbatim")
+    extra_args: list[str] = Field(default_factory=list, description="more riskva_core.train flags, verbatim: "
+                                  "any TrainingArguments flag too (--eval_strategy steps, --optim …)")
 
     def train_args(self, base_model: str) -> tuple[str, list[str]]:
         """(recipe used, flags): the recipe's flags, then every field set here (last flag wins).

@@ -6,7 +6,8 @@
 Rank 0 alone opens the Pipes connection: its log lines and metrics stream to the
 Dagster run, and its final metrics become the ``lora_adapter`` materialization
 (exactly one, whatever the number of ranks). Other ranks train with no reporter.
-riskva_core stays free of Dagster: this module adapts train's Reporter protocol.
+riskva_core stays free of Dagster: this module adds a TrainerCallback (rank 0) that streams
+Trainer's logs and metrics, and reports rank 0's final metrics as the materialization.
 Outside Dagster (no Pipes environment) it behaves like ``python -m riskva_core.train``.
 """
 from __future__ import annotations
@@ -17,6 +18,10 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainerCallback
+
+from riskva_core.train.outputs import dataset_fingerprint
 
 # Exit status of a run stopped by SIGTERM after its checkpoint: not a success for Dagster.
 EXIT_STOPPED = 4
@@ -47,54 +52,70 @@ def adapter_version(adapter_dir: Path) -> str | None:
     return h.hexdigest()[:16]
 
 
-class PipesReporter:
-    """riskva_core.train.sft.Reporter → Dagster Pipes (rank 0 only)."""
+class PipesCallback(TrainerCallback):
+    """Trainer's logs and metrics → Dagster Pipes, from rank 0 only (Trainer's world process zero)."""
 
     def __init__(self, pipes: Any):
         self.pipes = pipes
-        self.reported = 0
 
-    def log(self, msg: str) -> None:
-        self.pipes.log.info(msg)
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.pipes.log.info(f"training: world size {args.world_size}, {state.max_steps} steps, "
+                                f"resuming at step {state.global_step}" if state.global_step else
+                                f"training: world size {args.world_size}, {state.max_steps} steps")
 
-    def report_metrics(self, step: int, metrics: dict) -> None:
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-        self.pipes.log.info(f"step {step}: {shown}")
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
+            self.pipes.log.info(f"step {state.global_step}: {shown}")
 
-    def report_final(self, metadata: dict) -> None:
-        meta = {k: _metadata_value(v) for k, v in metadata.items()}
-        meta["reported_by_rank"] = rank()
-        adapter = metadata.get("adapter_dir")
-        version = adapter_version(Path(adapter)) if adapter else None
-        self.pipes.report_asset_materialization(metadata=meta, data_version=version)
-        self.reported += 1
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.pipes.log.info(f"checkpoint saved at step {state.global_step}")
+
+
+def report_final(pipes: Any, final: dict) -> None:
+    """The one materialization of ``lora_adapter``: rank 0's final metrics and the adapter's hash."""
+    meta = {k: _metadata_value(v) for k, v in final.items()}
+    meta["reported_by_rank"] = rank()
+    adapter = final.get("adapter_dir")
+    version = adapter_version(Path(adapter)) if adapter else None
+    pipes.report_asset_materialization(metadata=meta, data_version=version)
 
 
 def main(argv: list[str] | None = None) -> int:
     from riskva_core.errors import RiskvaError
+    from riskva_core.train.config import config_from_args, init_cpu_ranks
     from riskva_core.train.sft import train
-    from riskva_core.train.config import config_from_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        init_cpu_ranks(argv)
         cfg = config_from_args(argv, description=__doc__)
         if rank() != 0:
-            result = train(cfg, reporter=None)
+            result = train(cfg)
             return EXIT_STOPPED if result.get("interrupted") else 0
         from dagster_pipes import open_dagster_pipes
 
         with open_dagster_pipes() as pipes:
-            reporter = PipesReporter(pipes)
-            result = train(cfg, reporter=reporter)
+            result = train(cfg, callbacks=[PipesCallback(pipes)])
             if result.get("interrupted"):
                 # Stopped (SIGTERM) after a checkpoint: no adapter, so no materialization.
                 pipes.log.warning(f"training stopped at step {result.get('step')}; checkpoint saved, "
                                   "rerun resumes with --resume_from_checkpoint auto")
                 return EXIT_STOPPED
+            report_final(pipes, {**result, "pixel_budget": pixel_budget_of(result),
+                                 "dataset_fingerprint": dataset_fingerprint(cfg.data.dataset_path)})
         return 0
     except RiskvaError as exc:
         print(f"riskva train: error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def pixel_budget_of(result: dict) -> dict | None:
+    """The pixel policy the adapter's processor carries (read back from what was written)."""
+    args = Path(result["adapter_dir"]) / "training_args.json" if result.get("adapter_dir") else None
+    return json.loads(args.read_text(encoding="utf-8")).get("pixel_budget") if args and args.is_file() else None
 
 
 if __name__ == "__main__":

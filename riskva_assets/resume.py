@@ -9,11 +9,11 @@ launch:
 
 - identity on disk == this run's identity and a checkpoint exists → pass
   ``--resume_from_checkpoint auto`` (the trainer picks the newest complete checkpoint);
-- otherwise → delete ``checkpoints/`` (stale: other data or config), write the new identity,
-  and start fresh.
+- otherwise → delete the ``checkpoint-N/`` folders (stale: other data or config), write the new
+  identity, and start fresh.
 
-The trainer only has to honour ``--resume_from_checkpoint auto`` and write checkpoints under
-``<output_dir>/checkpoints/``, which both the accelerate loop and transformers.Trainer do.
+The trainer only has to honour ``--resume_from_checkpoint auto`` and write checkpoints as
+``<output_dir>/checkpoint-N/`` (transformers.Trainer's layout).
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from typing import Any, Mapping, Sequence
 from riskva_core.atomic import write_text
 
 IDENTITY_FILE = "run_identity.json"
-CHECKPOINTS = "checkpoints"
 RESUME_FLAG = "--resume_from_checkpoint"
 # Flags that do not change what is trained: where it is written and whether it resumes.
 _NEUTRAL_FLAGS = {RESUME_FLAG, "--output_dir"}
@@ -61,9 +60,13 @@ def run_identity(train_args: Sequence[str], data_versions: Mapping[str, str], ba
     }
 
 
+def checkpoints(output_dir: Path) -> list[Path]:
+    root = Path(output_dir)
+    return sorted(p for p in root.glob("checkpoint-*") if p.is_dir()) if root.is_dir() else []
+
+
 def has_checkpoint(output_dir: Path) -> bool:
-    root = Path(output_dir) / CHECKPOINTS
-    return root.is_dir() and any(p.is_dir() and p.name.startswith("checkpoint-") for p in root.iterdir())
+    return bool(checkpoints(output_dir))
 
 
 def plan_resume(output_dir: Path, identity: Mapping[str, Any]) -> tuple[bool, str]:
@@ -80,8 +83,10 @@ def plan_resume(output_dir: Path, identity: Mapping[str, Any]) -> tuple[bool, st
            "checkpoints without a run identity" if previous is None else
            "checkpoints of other " + ", ".join(
                k for k in ("data_versions", "base_model", "world_size", "train_args_sha256") if previous.get(k) != identity.get(k)))
-    if (output_dir / CHECKPOINTS).exists():
-        shutil.rmtree(output_dir / CHECKPOINTS)
+    stale = checkpoints(output_dir)
+    for folder in stale:
+        shutil.rmtree(folder)
+    if stale:
         why += ": cleared them"
     write_text(path, json.dumps(dict(identity), ensure_ascii=False, indent=1, sort_keys=True) + "\n")
     return False, why + "; starting fresh"

@@ -1,111 +1,112 @@
-"""Resumable checkpoints: checkpoint-STEP/{trainable.safetensors, optimizer.pt | ds/, trainer_state.json}.
+"""Stopping and resuming around Trainer's own checkpoints (OUT/checkpoint-STEP/).
 
-Every rank calls ``save_checkpoint``; the folder is written under a temporary name and renamed
-when complete, and ``trainer_state.json`` is written last, so only complete checkpoints are
-listed. Under DeepSpeed the optimizer state is DeepSpeed's own per-rank format.
+Trainer writes the checkpoint (trainable weights, optimizer — DeepSpeed's per-rank format under
+ZeRO —, scheduler, data position, RNG of every rank incl. CUDA) and rotates them
+(``--save_total_limit``). What it lacks and lives here:
+
+- ``StopOnSignal``: SIGTERM/SIGINT on any rank → at the next optimizer step every rank agrees
+  (an all-reduce), saves a checkpoint through Trainer and stops; the process exits 0.
+- ``EpochForAugment``: tells the dataset the epoch, so image flips are a pure function of
+  (seed, epoch, index) and a resumed run replays the same views.
+- ``resolve_resume``: ``--resume_from_checkpoint auto`` = the newest complete checkpoint, if any.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
+import signal
+import time
 from pathlib import Path
+from typing import Any
 
-from riskva_core.atomic import write_json
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
 from riskva_core.errors import RiskvaError
-from riskva_core.train.config import TrainConfig
-from riskva_core.train.trainable import trainable_parameters
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+PAUSE_ENV = "RISKVA_TEST_PAUSE_AFTER_STEP"  # tests: idle after step N until signalled/killed
+STATE_FILE = "trainer_state.json"  # Trainer writes it last: its presence marks a complete checkpoint
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
     found = []
-    for d in root.iterdir():
-        m = CHECKPOINT_RE.match(d.name)
-        if m and (d / "trainer_state.json").is_file():  # written last: only complete ones count
-            found.append((int(m.group(1)), d))
+    for d in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = d.name.rsplit("-", 1)[1]
+        if step.isdigit() and (d / STATE_FILE).is_file():
+            found.append((int(step), d))
     return sorted(found)
 
 
-def resolve_resume(cfg: TrainConfig) -> Path | None:
-    if cfg.resume_from_checkpoint in (None, "", "none", "None"):
+def resolve_resume(value: str | None, output_dir: Path) -> Path | None:
+    if value in (None, "", "none", "None", "False", "false"):
         return None
-    if cfg.resume_from_checkpoint == "auto":
-        found = list_checkpoints(cfg.output_dir)
+    if value in ("auto", "True", "true"):
+        found = list_checkpoints(output_dir)
         return found[-1][1] if found else None
-    path = Path(cfg.resume_from_checkpoint)
-    if not (path / "trainer_state.json").is_file():
-        raise RiskvaError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
+    path = Path(value)
+    if not (path / STATE_FILE).is_file():
+        raise RiskvaError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {STATE_FILE})")
     return path
 
 
-def save_checkpoint(accelerator, model, optimizer, cfg: TrainConfig, step: int, epoch: int, use_ds: bool) -> Path:
-    """All ranks call this. Written under a temporary name, renamed when complete."""
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any rank (a no-op in a single process)."""
     import torch
-    from safetensors.torch import save_file
+    import torch.distributed as dist
 
-    root = cfg.output_dir / "checkpoints"
-    final = root / f"checkpoint-{step}"
-    tmp = root / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if use_ds:
-        # DeepSpeed's own format (per-rank ZeRO optimizer shards; torch files it loads itself);
-        # frozen base weights are excluded: a checkpoint of a 7B LoRA run stays small.
-        model.save_checkpoint(str(tmp / "ds"), tag="state", exclude_frozen_parameters=True)
-    unwrapped = accelerator.unwrap_model(model)
-    rng = torch.get_rng_state()
-    save_file({"cpu": rng}, str(tmp / f"rng_rank{accelerator.process_index}.safetensors"))
-    if accelerator.is_main_process:
-        tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(unwrapped).items()}
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        if not use_ds:
-            torch.save(optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
-                       tmp / "optimizer.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / "trainer_state.json", {"step": step, "epoch": epoch, "world_size": accelerator.num_processes,
-                                               "seed": cfg.seed})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for _, old in list_checkpoints(cfg.output_dir)[: -cfg.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
-def load_checkpoint(accelerator, model, optimizer, path: Path, use_ds: bool) -> int:
-    """Restore weights, optimizer and RNG; returns the optimizer step to continue from."""
-    import torch
-    from safetensors.torch import load_file
+class StopOnSignal(TrainerCallback):
+    """SIGTERM/SIGINT → checkpoint on every rank at the same step → Trainer stops cleanly."""
 
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    if state.get("world_size") != accelerator.num_processes:
-        raise RiskvaError(f"{path}: saved with {state.get('world_size')} ranks, now {accelerator.num_processes}; "
-                          "resume with the same --num_processes")
-    unwrapped = accelerator.unwrap_model(model)
-    if use_ds:
-        model.load_checkpoint(str(path / "ds"), tag="state", load_module_strict=False,
-                              load_optimizer_states=True, load_lr_scheduler_states=False)
-    else:
-        params = trainable_parameters(unwrapped)
-        saved = load_file(str(path / "trainable.safetensors"))
-        if set(saved) != set(params):
-            raise RiskvaError(f"{path}: trainable parameters differ from this run's configuration")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        target = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-        target.load_state_dict(opt_state)
-    rng_file = path / f"rng_rank{accelerator.process_index}.safetensors"
-    if rng_file.is_file():
-        torch.set_rng_state(load_file(str(rng_file))["cpu"])
-    return int(state["step"])
+    def __init__(self, output_dir: Path):
+        self.output_dir = Path(output_dir)
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._old: dict[int, Any] = {}
+        self._pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a server): no handler
+                pass
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._pause_after and state.global_step == self._pause_after:
+            marker = self.output_dir / "debug" / f"paused-rank{args.process_index}"
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{state.global_step} {os.getpid()}")  # the harness needs the rank's pid
+            while not self.requested:  # a test harness SIGKILLs or SIGTERMs us here
+                time.sleep(0.05)
+        # Collective: a signal seen on any rank stops all ranks at this same step.
+        if _any_rank(self.requested):
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class EpochForAugment(TrainerCallback):
+    """Sets ``dataset.epoch`` before each epoch's DataLoader iterator (and its workers) starts."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.epoch = int(state.epoch + 1e-6) if state.epoch else 0

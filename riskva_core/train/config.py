@@ -1,17 +1,25 @@
-"""Training configuration: one dataclass, validated on construction, and its argparse mirror.
+"""Training flags: ``transformers.TrainingArguments`` plus three small dataclasses of our own.
 
-Flag names follow the seed's ``custom_sft_vlm.py`` (``--use_lora True``, ``--lora_r 64`` …),
-so the seed's launch lines keep working; boolean flags accept both the bare form
-(``--bf16``) and an explicit value (``--use_lora True`` / ``--use_lora false``).
+``HfArgumentParser`` reads them together (as the official Qwen2.5-VL finetune does), so every
+Hugging Face training flag works as upstream documents it (``--deepspeed ds.json``,
+``--eval_strategy``, ``--report_to tensorboard mlflow``, ``--optim`` …) and the seed's own flags
+(``--use_lora True``, ``--lora_r 64``, ``--min_pixels`` …) keep their names. Booleans take the
+bare form (``--bf16``) or a value (``--use_lora False``).
+
+Defaults that differ from upstream are the seed's: batch 2 x 8 accumulation, lr 5e-6, 3 epochs,
+a cosine schedule that decays to 10 % of the peak (``cosine_with_min_lr``, min_lr_rate 0.1),
+3 % warmup, TensorBoard under OUT/runs, two checkpoints kept, seed 42.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import json
 import re
-import typing
+import sys
 from pathlib import Path
 from typing import Any
+
+from transformers import HfArgumentParser, TrainingArguments
 
 from riskva_core.errors import RiskvaError
 
@@ -21,113 +29,149 @@ LM_LINEAR_PARENTS = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
-REPORT_TO = ("tensorboard", "mlflow")
+_CPU_RANKS = {"configured": False}
 
 
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"1", "true", "yes", "y", "on"}:
-        return True
-    if text in {"0", "false", "no", "n", "off"}:
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def init_cpu_ranks(argv: list[str]) -> bool:
+    """Set up the gloo process group when launched on CPU ranks; True if it did.
+
+    Without a backend, accelerate on a CPU-only machine reports world size 1 on every rank
+    (its DeepSpeed path passes no backend), so N launched ranks would silently train N
+    unsynchronised copies. The state made here is what TrainingArguments then uses
+    (``accelerator_config.use_configured_state``). GPUs keep upstream's nccl set-up.
+    """
+    import os
+
+    import torch
+
+    if os.environ.get("LOCAL_RANK") is None or torch.cuda.is_available():
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+    from accelerate import PartialState
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or any(
+        a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv)
+    if deepspeed:
+        had = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # as TrainingArguments does for --deepspeed
+        PartialState(backend="gloo")
+        if had is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    else:
+        PartialState(cpu=True, backend="gloo")
+    _CPU_RANKS["configured"] = True
+    return True
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    model_name_or_path: str
-    dataset_path: Path
-    output_dir: Path
-    per_device_train_batch_size: int = 2
-    gradient_accumulation_steps: int = 8
-    num_train_epochs: float = 3.0
-    max_steps: int = -1
-    learning_rate: float = 5e-6
-    merger_lr: float | None = None
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    use_lora: bool = True
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.05
-    lora_target_modules: str = LORA_TARGETS_DEFAULT
-    tune_vision: bool = False
-    tune_merger: bool = False
-    train_lm_head: bool = False
-    min_pixels: int = 56 * 56
-    max_pixels: int = 1280 * 28 * 28
-    max_length: int = 2048
-    cache_images: bool = False
-    augment_flip: bool = False
-    dataloader_num_workers: int = 0
-    logging_steps: int = 10
-    eval_steps: int = 0
-    save_steps: int = 500
-    save_total_limit: int = 2
-    resume_from_checkpoint: str | None = None
-    report_to: str = "tensorboard"
-    prompt_config: Path | None = None
-    seed: int = 42
+class ModelArguments:
+    model_name_or_path: str = dataclasses.field(
+        metadata={"help": "base model folder (a Qwen2.5-VL HF folder, e.g. a `riskva tiny-model` output)"})
+    torch_dtype: str | None = dataclasses.field(
+        default=None, metadata={"help": "weights dtype when loading: auto, bfloat16 or float32 (default: bfloat16 "
+                                        "with --bf16, else auto = bf16 on a bf16-capable GPU, float32 on CPU); "
+                                        "float16 is refused (Qwen2.5-VL overflows in it)", "aliases": ["--dtype"]})
+    attn_implementation: str | None = dataclasses.field(
+        default=None, metadata={"help": "auto, sdpa, flash_attention_2 or eager (default auto: flash_attention_2 "
+                                        "when installed on a GPU, else sdpa)"})
+    recipe: str | None = dataclasses.field(
+        default=None, metadata={"help": "start from a named recipe (train/recipes.py): auto (chosen from the base "
+                                        "model), demo, lora (the 7B LoRA default, lr 1e-4) or seed (the seed's "
+                                        "exact values); flags given on the command line win"})
+
+    def __post_init__(self) -> None:
+        from riskva_core.model.loading import ATTN_CHOICES, resolve_dtype
+
+        if self.torch_dtype is not None:
+            resolve_dtype(self.torch_dtype, "cpu")  # validates; float16 is refused with the reason
+        if self.attn_implementation is not None and self.attn_implementation not in ATTN_CHOICES:
+            raise RiskvaError(f"--attn_implementation must be one of {', '.join(ATTN_CHOICES)}, "
+                              f"got {self.attn_implementation!r}")
+
+
+@dataclasses.dataclass
+class DataArguments:
+    dataset_path: Path = dataclasses.field(
+        metadata={"help": "prepared JSONL or Parquet folder (train/val/test) or a single split file"})
+    min_pixels: int = dataclasses.field(
+        default=56 * 56, metadata={"help": "minimum pixels per image after resizing; saved into the output processor"})
+    max_pixels: int = dataclasses.field(
+        default=1280 * 28 * 28,
+        metadata={"help": "maximum pixels per image after resizing (one image token per 28x28 px); saved into "
+                          "the output processor so evaluation and serving resize identically"})
+    max_length: int = dataclasses.field(
+        default=2048, metadata={"help": "samples with more tokens are dropped (counted in the log), never truncated"})
+    prompt_config: Path | None = dataclasses.field(
+        default=None, metadata={"help": "PromptTemplate JSON: rebuild conversations from the fields with this prompt"})
+    cache_images: bool = dataclasses.field(
+        default=False, metadata={"help": "decode every image into memory once before training"})
+    augment_flip: bool = dataclasses.field(
+        default=False, metadata={"help": "flip training images horizontally and vertically (p=0.5 each, fixed per "
+                                         "seed, epoch and sample); labels must not depend on orientation"})
 
     def __post_init__(self) -> None:
         self.dataset_path = Path(self.dataset_path)
-        self.output_dir = Path(self.output_dir)
         if self.prompt_config is not None:
             self.prompt_config = Path(self.prompt_config)
-        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
-                    "max_length", "logging_steps", "min_pixels", "max_pixels", "save_total_limit")
-        for name in positive:
+        for name in ("min_pixels", "max_pixels", "max_length"):
             if getattr(self, name) <= 0:
                 raise RiskvaError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("eval_steps", "save_steps", "dataloader_num_workers", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise RiskvaError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise RiskvaError("set --num_train_epochs > 0 or --max_steps > 0")
-        if not self.learning_rate > 0:
-            raise RiskvaError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.min_pixels > self.max_pixels:
+            raise RiskvaError(f"--min_pixels {self.min_pixels} exceeds --max_pixels {self.max_pixels}")
+
+
+@dataclasses.dataclass
+class TrainableArguments:
+    use_lora: bool = dataclasses.field(
+        default=True, metadata={"help": "LoRA adapters (true) or full fine-tuning of the language model (false)"})
+    lora_r: int = dataclasses.field(default=64, metadata={"help": "LoRA rank"})
+    lora_alpha: int = dataclasses.field(default=128, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_dropout: float = dataclasses.field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: str = dataclasses.field(
+        default=LORA_TARGETS_DEFAULT,
+        metadata={"help": "comma list of language-model projections to adapt, or all-linear (every one of them); "
+                          "the vision tower is never targeted unless --tune_vision"})
+    tune_vision: bool = dataclasses.field(
+        default=False, metadata={"help": "also train the vision transformer (LoRA on its attention/MLP linears)"})
+    tune_merger: bool = dataclasses.field(
+        default=False, metadata={"help": "fully train the vision-language merger (saved as modules_to_save)"})
+    train_lm_head: bool = dataclasses.field(
+        default=False, metadata={"help": "fully train lm_head (modules_to_save); needed when the base is random"})
+    merger_lr: float | None = dataclasses.field(
+        default=None, metadata={"help": "peak learning rate of the merger (default: --learning_rate); it follows "
+                                        "the same schedule; ms-swift's --aligner_lr"})
+
+    def __post_init__(self) -> None:
+        for name in ("lora_r", "lora_alpha"):
+            if getattr(self, name) <= 0:
+                raise RiskvaError(f"--{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise RiskvaError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.merger_lr is not None and not self.merger_lr > 0:
             raise RiskvaError(f"--merger_lr must be positive, got {self.merger_lr}")
         if self.merger_lr is not None and not self.tune_merger:
             raise RiskvaError("--merger_lr needs --tune_merger: the merger is frozen otherwise")
-        if not 0 <= self.warmup_ratio < 1:
-            raise RiskvaError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.lora_dropout < 1:
-            raise RiskvaError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.lr_scheduler not in ("cosine", "linear", "constant"):
-            raise RiskvaError(f"--lr_scheduler must be cosine, linear or constant, got {self.lr_scheduler!r}")
-        if self.min_pixels > self.max_pixels:
-            raise RiskvaError(f"--min_pixels {self.min_pixels} exceeds --max_pixels {self.max_pixels}")
         unknown = [t for t in self.lora_targets if t not in LM_LINEAR_PARENTS]
         if unknown or not self.lora_targets:
-            raise RiskvaError(
-                f"--lora_target_modules: {unknown or 'empty'} not language-model projections; "
-                f"choose from {','.join(LM_LINEAR_PARENTS)}"
-            )
-        reports = [r for r in self.report_to.split(",") if r.strip()]
-        bad = [r for r in reports if r.strip() not in REPORT_TO + ("none",)]
-        if bad:
-            raise RiskvaError(f"--report_to: unknown {bad}; use a comma list of {','.join(REPORT_TO)} or none")
+            raise RiskvaError(f"--lora_target_modules: {unknown or 'empty'} not language-model projections; "
+                              f"choose from {','.join(LM_LINEAR_PARENTS)} or all-linear")
 
     @property
     def lora_targets(self) -> list[str]:
+        if self.lora_target_modules.strip() == "all-linear":
+            return list(LM_LINEAR_PARENTS)
         return [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
-
-    @property
-    def trackers(self) -> list[str]:
-        return [r.strip() for r in self.report_to.split(",") if r.strip() in REPORT_TO]
 
     def lora_target_regex(self) -> str:
         """A full-match regex over module names, restricted to the language model's decoder.
 
-        A suffix list like ["gate_proj", …] would also hit the ViT blocks' MLPs
-        (model.visual.blocks.N.mlp.gate_proj), so LoRA would silently train the vision tower.
+        A suffix list like ["gate_proj", …] (or PEFT's own "all-linear") would also hit the ViT
+        blocks' MLPs (model.visual.blocks.N.mlp.gate_proj): LoRA would silently train the vision tower.
         """
         by_parent: dict[str, list[str]] = {}
         for t in self.lora_targets:
@@ -140,100 +184,122 @@ class TrainConfig:
         return f"{lm}|{vision}"
 
     def modules_to_save(self) -> list[str]:
-        out = []
-        if self.tune_merger:
-            out.append("merger")
-        if self.train_lm_head:
-            out.append("lm_head")
-        return out
+        return [name for name, on in (("merger", self.tune_merger), ("lm_head", self.train_lm_head)) if on]
+
+
+@dataclasses.dataclass
+class RiskvaTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the seed's defaults and two flags upstream lacks."""
+
+    output_dir: str = dataclasses.field(
+        default=None, metadata={"help": "run folder: checkpoint-N/, runs/ (TensorBoard), adapter/ (the result)"})
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 8
+    num_train_epochs: float = 3.0
+    learning_rate: float = 5e-6
+    lr_scheduler_type: str = dataclasses.field(
+        default="cosine_with_min_lr",
+        metadata={"help": "learning-rate schedule after warmup (transformers' SchedulerType names; "
+                          "cosine_with_min_lr decays to --lr_scheduler_kwargs min_lr_rate, default 0.1)",
+                  "aliases": ["--lr_scheduler"]})
+    warmup_steps: float = 0.03
+    logging_steps: float = 10
+    save_total_limit: int | None = 2
+    report_to: None | str | list[str] = "tensorboard"
+    seed: int = 42
+    remove_unused_columns: bool = False  # the collator needs pixel_values/image_grid_thw as they are
+    label_names: list[str] | None = dataclasses.field(default_factory=lambda: ["labels"])  # PeftModel hides them
+    warmup_ratio: float | None = dataclasses.field(
+        default=None, metadata={"help": "fraction of the steps spent warming up (transformers < 5 name; sets "
+                                        "--warmup_steps to the ratio)"})
+    early_stopping_patience: int | None = dataclasses.field(
+        default=None, metadata={"help": "stop after this many evaluations without improving --metric_for_best_model "
+                                        "(EarlyStoppingCallback; needs --load_best_model_at_end)"})
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise RiskvaError("--output_dir is required")
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise RiskvaError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        # The flags' older meanings here: --eval_steps N alone evaluates every N steps, --save_steps 0
+        # saves only on SIGTERM, --report_to takes a comma list.
+        if self.eval_steps and str(self.eval_strategy) == "no":
+            self.eval_strategy = "steps"
+        if self.save_steps == 0:
+            self.save_strategy = "no"
+        if isinstance(self.report_to, str) and "," in self.report_to:
+            self.report_to = [r.strip() for r in self.report_to.split(",") if r.strip()]
+        if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
+            self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}  # the seed recipe's floor: 10 % of the peak
+        if self.accelerator_config is None and _CPU_RANKS["configured"]:
+            self.accelerator_config = {"use_configured_state": True}  # keep the gloo group set up below
+        if self.gradient_checkpointing_kwargs is None and self.activation_checkpointing_kwargs is None:
+            # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DeepSpeed ZeRO-3.
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        if self.fp16:
+            from riskva_core.model.loading import FP16_REFUSED
+
+            raise RiskvaError(f"--fp16 {FP16_REFUSED}; use --bf16")
+        if self.bf16 and not self.use_cpu and not _has_gpu():
+            # The seed's --bf16 on CPU ranks: bf16 autocast on the CPU, as the old loop did
+            # (upstream refuses bf16 without a GPU unless use_cpu is set).
+            self.use_cpu = True
+        if self.early_stopping_patience is not None and (self.early_stopping_patience <= 0
+                                                          or not self.load_best_model_at_end):
+            raise RiskvaError("--early_stopping_patience needs a positive value and --load_best_model_at_end True")
+        try:
+            super().__post_init__()
+        except ValueError as exc:
+            raise RiskvaError(str(exc).splitlines()[0]) from None
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The four parsed argument groups of one run."""
+
+    model: ModelArguments
+    data: DataArguments
+    trainable: TrainableArguments
+    args: RiskvaTrainingArguments
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        """Every flag's value, JSON-safe: the run's record in adapter/training_args.json."""
+        out: dict[str, Any] = {}
+        for part in (self.model, self.data, self.trainable):
+            out.update({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(part).items()})
+        hf = json.loads(self.args.to_json_string())
+        out.update({k: v for k, v in hf.items() if k not in out})
+        return out
 
 
-HELP = {
-    "model_name_or_path": "base model folder (a Qwen2.5-VL HF folder, e.g. a `riskva tiny-model` output)",
-    "dataset_path": "prepared JSONL or Parquet folder (train/val/test) or a single split file",
-    "output_dir": "run folder: checkpoints/, runs/ (TensorBoard), adapter/ (the result)",
-    "per_device_train_batch_size": "samples per micro-batch on each rank",
-    "gradient_accumulation_steps": "micro-batches per optimizer step",
-    "num_train_epochs": "passes over the training split (ignored when --max_steps > 0)",
-    "max_steps": "optimizer steps to run; overrides --num_train_epochs when > 0",
-    "learning_rate": "peak learning rate (AdamW)",
-    "merger_lr": "peak learning rate of the vision-language merger (default: --learning_rate); "
-                 "ms-swift's --aligner_lr",
-    "lr_scheduler": "learning-rate decay after warmup: cosine (to 10%% of peak), linear (to 0) or constant",
-    "warmup_ratio": "fraction of the steps spent warming the learning rate up linearly from 0",
-    "weight_decay": "AdamW weight decay on matrices (biases and norms are never decayed)",
-    "max_grad_norm": "gradient clipping norm (0 disables); fills DeepSpeed's gradient_clipping",
-    "bf16": "bfloat16 mixed precision (GPU); fills DeepSpeed's bf16.enabled",
-    "gradient_checkpointing": "recompute activations in backward to save memory",
-    "use_lora": "LoRA adapters (true) or full fine-tuning of the language model (false)",
-    "lora_r": "LoRA rank",
-    "lora_alpha": "LoRA alpha (scale = alpha / r)",
-    "lora_dropout": "dropout on the LoRA input",
-    "lora_target_modules": "comma list of language-model projections to adapt; the vision tower is never "
-                           "targeted unless --tune_vision",
-    "tune_vision": "also train the vision transformer (LoRA on its attention/MLP linears)",
-    "tune_merger": "fully train the vision-language merger (saved with the adapter as modules_to_save)",
-    "train_lm_head": "fully train lm_head (modules_to_save); needed when the base is random, as in the demo",
-    "min_pixels": "minimum pixels per image after resizing; saved into the output processor",
-    "max_pixels": "maximum pixels per image after resizing (one image token per 28x28 px); saved into the "
-                  "output processor so evaluation and serving resize identically",
-    "max_length": "samples with more tokens are dropped (counted in the log), never truncated",
-    "cache_images": "decode every image into memory once before training",
-    "augment_flip": "flip training images horizontally and vertically (p=0.5 each, fixed per seed, epoch "
-                    "and sample); labels must not depend on orientation",
-    "dataloader_num_workers": "DataLoader worker processes for decoding + tokenising",
-    "logging_steps": "log loss/lr/throughput every N optimizer steps",
-    "eval_steps": "compute validation loss every N steps (0: only at the end, if a val split exists)",
-    "save_steps": "write a resumable checkpoint every N steps (0: only on SIGTERM/SIGINT)",
-    "save_total_limit": "keep this many newest checkpoints",
-    "resume_from_checkpoint": "'auto' (newest checkpoint in output_dir, if any) or a checkpoint folder",
-    "report_to": "comma list of tensorboard,mlflow or none; mlflow needs MLFLOW_TRACKING_URI",
-    "prompt_config": "PromptTemplate JSON: rebuild conversations from the fields with this prompt",
-    "seed": "seed for weights init of adapters, data order and dropout (recorded in training_args.json)",
-}
-
-
-def build_parser(prog: str = "riskva train", description: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = f"--{f.name}"
-        default = defaults[f.name]
-        help_ = HELP[f.name]
-        if f.name in ("model_name_or_path", "dataset_path", "output_dir"):
-            p.add_argument(flag, required=True, help=help_)
-        elif isinstance(default, bool):
-            p.add_argument(flag, type=_bool, nargs="?", const=True, default=default,
-                           help=f"{help_} (default {default}; bare flag = true)")
-        else:
-            # the declared type, not the default's: `float | None` (--merger_lr) parses as float
-            declared = (hints[f.name], *typing.get_args(hints[f.name]))
-            kind = next((t for t in (int, float) if t in declared), str)
-            p.add_argument(flag, type=kind, default=default, help=f"{help_} (default {default})")
-    p.add_argument("--recipe", default=None,
-                   help="start from a named recipe (train/recipes.py): auto (from the base model), demo, lora "
-                   "(the 7B LoRA default, lr 1e-4) or seed (the seed's exact values); flags given also win")
-    return p
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainableArguments, RiskvaTrainingArguments))
+    parser.prog = "riskva train"
+    return parser
 
 
 def config_from_args(argv: list[str] | None, description: str | None = None) -> TrainConfig:
-    import sys
-
-    parser = build_parser(description=description)
+    """Parse ``argv`` (unknown flags are an error, as before); bad values raise RiskvaError."""
+    parser = build_parser()
+    if description:
+        parser.description = description
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    if args.recipe:  # the recipe's flags first, so every flag given on the command line overrides them
-        from riskva_core.train.recipes import resolve
+    try:
+        model, data, trainable, args = parser.parse_args_into_dataclasses(args=argv)
+        if model.recipe:  # the recipe's flags first, so every flag given on the command line overrides them
+            from riskva_core.train.recipes import resolve
 
-        try:
-            _, recipe_argv = resolve(args.recipe, args.model_name_or_path)
-        except ValueError as exc:
-            raise RiskvaError(f"--recipe: {exc}") from None
-        args = parser.parse_args(recipe_argv + argv)
-    del args.recipe
-    return TrainConfig(**vars(args))
+            try:
+                _, recipe_argv = resolve(model.recipe, model.model_name_or_path)
+            except ValueError as exc:
+                raise RiskvaError(f"--recipe: {exc}") from None
+            model, data, trainable, args = parser.parse_args_into_dataclasses(args=recipe_argv + argv)
+    except ValueError as exc:  # upstream validation in TrainingArguments/peft-style checks
+        raise RiskvaError(str(exc).splitlines()[0]) from None
+    return TrainConfig(model, data, trainable, args)

@@ -2,11 +2,12 @@
 Dagster assets read, and the identity of the data it was trained on.
 
     OUT/adapter/   adapter_model.safetensors (+ modules_to_save), adapter_config.json, the
-                   processor with the training pixel policy, image_policy.json, prompt_template.json,
+                   processor with the training pixel policy, prompt_template.json,
                    training_args.json, metrics.json, dataset.json (fingerprint)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ from riskva_core.atomic import atomic_dir, write_json
 from riskva_core.data.conversation import PromptTemplate
 from riskva_core.data.image_policy import save_image_policy
 from riskva_core.data.samples import detect_format, split_file
-from riskva_core.train.config import TrainConfig
+from riskva_core.train.config import DataArguments, TrainConfig
 
 
 def dataset_fingerprint(dataset_path: Path) -> str:
@@ -34,12 +35,12 @@ def dataset_fingerprint(dataset_path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def prompt_template(cfg: TrainConfig) -> tuple[PromptTemplate | None, dict | None]:
+def prompt_template(data: DataArguments) -> tuple[PromptTemplate | None, dict | None]:
     """(template to rebuild conversations with or None, template dict to save with the adapter)."""
-    if cfg.prompt_config is not None:
-        t = PromptTemplate.load(cfg.prompt_config)
+    if data.prompt_config is not None:
+        t = PromptTemplate.load(data.prompt_config)
         return t, t.to_dict()
-    info = cfg.dataset_path / "dataset_info.json" if cfg.dataset_path.is_dir() else None
+    info = data.dataset_path / "dataset_info.json" if data.dataset_path.is_dir() else None
     if info is not None and info.is_file():
         try:
             saved = json.loads(info.read_text(encoding="utf-8")).get("prompt_template")
@@ -50,25 +51,38 @@ def prompt_template(cfg: TrainConfig) -> tuple[PromptTemplate | None, dict | Non
     return None, None
 
 
-def write_adapter(cfg: TrainConfig, model, processor, template_dict, final: dict, history: list[dict],
-                  state_dict=None) -> Path:
-    """OUT/adapter: weights (safetensors), processor with pixel policy, args, metrics, dataset id."""
+def write_adapter(cfg: TrainConfig, trainer, processor, template_dict, final: dict) -> Path:
+    """OUT/adapter: weights (safetensors), processor with pixel policy, args, metrics, dataset id.
+
+    Every rank calls it: ``Trainer.save_model`` gathers ZeRO-3 partitions collectively (PEFT
+    weights incl. ``modules_to_save``); rank 0 writes into a temporary sibling, renamed when whole.
+    """
+    from accelerate.utils import broadcast_object_list
+
     from riskva_core.model.loading import pixel_budget, save_processor
 
-    target = cfg.output_dir / ("adapter" if cfg.use_lora else "model")
-    budget = pixel_budget(processor)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-        save_processor(processor, tmp)
-        save_image_policy(cfg.dataset_path, tmp)  # prepare's image steps, so serving repeats them
-        if template_dict is not None:
-            write_json(tmp / "prompt_template.json", template_dict)
-        write_json(tmp / "training_args.json", {**cfg.to_dict(), "pixel_budget": budget,
-                                                "world_size": final["world_size"]})
-        write_json(tmp / "metrics.json", {"final": final, "history": history})
-        samples_fmt = detect_format(cfg.dataset_path)
-        write_json(tmp / "dataset.json", {"dataset_path": str(cfg.dataset_path), "format": samples_fmt,
-                                          "fingerprint": dataset_fingerprint(cfg.dataset_path),
-                                          "train_samples": final["train_samples"],
-                                          "dropped_over_max_length": final["dropped_over_max_length"]})
+    target = cfg.output_dir / ("adapter" if cfg.trainable.use_lora else "model")
+    main = trainer.is_world_process_zero()
+    with contextlib.ExitStack() as stack:
+        tmp = [str(stack.enter_context(atomic_dir(target))) if main else None]
+        if trainer.args.world_size > 1:
+            broadcast_object_list(tmp)  # the other ranks only pass the path through save_model
+        trainer.save_model(tmp[0])
+        if main:
+            folder = Path(tmp[0])
+            budget = pixel_budget(processor)
+            save_processor(processor, folder)
+            save_image_policy(cfg.data.dataset_path, folder)  # prepare's image steps, so serving repeats them
+            if template_dict is not None:
+                write_json(folder / "prompt_template.json", template_dict)
+            write_json(folder / "training_args.json", {**cfg.to_dict(), "pixel_budget": budget,
+                                                       "world_size": final["world_size"]})
+            write_json(folder / "metrics.json", {"final": final, "history": trainer.state.log_history})
+            write_json(folder / "dataset.json", {
+                "dataset_path": str(cfg.data.dataset_path), "format": detect_format(cfg.data.dataset_path),
+                "fingerprint": dataset_fingerprint(cfg.data.dataset_path),
+                "train_samples": final["train_samples"],
+                "dropped_over_max_length": final["dropped_over_max_length"]})
+            (folder / "training_args.bin").unlink(missing_ok=True)  # Trainer's pickle: JSON above instead
+    trainer.accelerator.wait_for_everyone()
     return target

@@ -34,7 +34,7 @@ DEMO_CPU: dict[str, Any] = {
     "learning_rate": 2e-3,
     "merger_lr": 1e-2,
     "augment_flip": True,
-    "lr_scheduler": "cosine",
+    "lr_scheduler_type": "cosine_with_min_lr",  # the old loop's cosine: decays to 10 % of the peak
     "warmup_ratio": 0.03,
     "weight_decay": 0.0,
     "use_lora": True,

@@ -1,17 +1,17 @@
-"""What a run trains: the LoRA/full-tuning switch, AdamW groups and parameter bookkeeping.
+"""What a run trains: the LoRA/full-tuning switch, the optimizer's groups, a digest for tests.
 
-Training, checkpoints and the tests all ask ``apply_trainable``/``trainable_parameters``, so the
-set of trainable weights is defined once; ``param_groups`` gives the merger its own rate.
+Training, the optimizer and the tests all ask ``apply_trainable``/``trainable_parameters``, so
+the set of trainable weights is defined once; ``param_groups`` gives the merger its own rate.
 """
 from __future__ import annotations
 
 import hashlib
 from typing import Any
 
-from riskva_core.train.config import TrainConfig
+from riskva_core.train.config import TrainableArguments
 
 
-def apply_trainable(model, cfg: TrainConfig):
+def apply_trainable(model, cfg: TrainableArguments, seed: int):
     """Freeze the base and make trainable exactly what the config asks for; returns the model."""
     import torch
 
@@ -29,49 +29,37 @@ def apply_trainable(model, cfg: TrainConfig):
             bias="none",
             task_type="CAUSAL_LM",
         )
-        torch.manual_seed(cfg.seed)  # LoRA A init is random: fixed per seed
-        model = get_peft_model(model, lora)
-    else:
-        inner = model.model
-        for p in inner.language_model.parameters():
+        torch.manual_seed(seed)  # LoRA A init is random: fixed per seed
+        return get_peft_model(model, lora)
+    inner = model.model
+    chosen = [inner.language_model, model.lm_head]
+    chosen += [inner.visual.merger] if cfg.tune_merger else []
+    chosen += [inner.visual] if cfg.tune_vision else []
+    for module in chosen:
+        for p in module.parameters():
             p.requires_grad_(True)
-        for p in model.lm_head.parameters():
-            p.requires_grad_(True)
-        if cfg.tune_merger:
-            for p in inner.visual.merger.parameters():
-                p.requires_grad_(True)
-        if cfg.tune_vision:
-            for p in inner.visual.parameters():
-                p.requires_grad_(True)
     return model
 
 
-def param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: matrices decay, biases/norms don't; the merger may run at its own --merger_lr.
+def param_groups(model, decay_names: set[str], weight_decay: float, lr: float,
+                 merger_lr: float | None) -> list[dict[str, Any]]:
+    """Optimizer groups: Trainer's decay rule (no decay on biases/norms) x merger or not.
 
-    ``lr_scale`` multiplies the scheduled learning rate, so warmup and decay shape every group
-    alike. A separate projector rate is the usual VLM knob (LLaVA's mm_projector_lr, ms-swift's
-    aligner_lr): the merger is trained from scratch while LoRA only nudges the language model.
+    Each group carries its own peak ``lr``; the scheduler (a LambdaLR) multiplies every group's
+    initial rate by the same factor, so warmup and decay shape the merger's rate too. A separate
+    projector rate is the usual VLM knob (LLaVA's mm_projector_lr, ms-swift's aligner_lr): the
+    merger is trained from scratch while LoRA only nudges the language model.
     """
-    merger_scale = (cfg.merger_lr / cfg.learning_rate) if cfg.merger_lr else 1.0
     buckets: dict[tuple[bool, bool], list] = {}
     for name, p in trainable_parameters(model).items():
-        buckets.setdefault((".visual.merger." in f".{name}", p.ndim >= 2), []).append(p)
-    groups = []
-    for (merger, decay), ps in sorted(buckets.items()):
-        groups.append({"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
-                       "lr_scale": merger_scale if merger else 1.0})
-    return groups
+        buckets.setdefault((".visual.merger." in f".{name}", name in decay_names), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0,
+             "lr": merger_lr if (merger and merger_lr) else lr}
+            for (merger, decay), ps in sorted(buckets.items())]
 
 
 def trainable_parameters(model) -> dict[str, Any]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
 
 
 def params_digest(model) -> str:

@@ -11,7 +11,7 @@ DATA = {"sft_jsonl": "aaaa", "base_model": "bbbb"}
 
 
 def _checkpoint(out: Path, step: int) -> Path:
-    ckpt = out / "checkpoints" / f"checkpoint-{step}"
+    ckpt = out / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")
     return ckpt
@@ -28,17 +28,17 @@ def test_same_identity_resumes_and_anything_else_starts_fresh(tmp_path: Path):
                                      "--resume_from_checkpoint", "auto"], DATA, "/m")
     assert same == identity
     resume, why = plan_resume(out, same)
-    assert resume and "resuming" in why and (out / "checkpoints" / "checkpoint-2").is_dir()
+    assert resume and "resuming" in why and (out / "checkpoint-2").is_dir()
     assert with_resume(ARGS, resume)[-2:] == ["--resume_from_checkpoint", "auto"]
     assert "--resume_from_checkpoint" not in with_resume(ARGS + ["--resume_from_checkpoint", "/x"], False)
     # Other data: the checkpoints are cleared, never resumed from.
     resume, why = plan_resume(out, run_identity(ARGS, {**DATA, "sft_jsonl": "cccc"}, "/m"))
     assert not resume and why == "checkpoints of other data_versions: cleared them; starting fresh"
-    assert not (out / "checkpoints").exists()
+    assert not list(out.glob("checkpoint-*"))
     # Another config (more steps) or base model: same.
     _checkpoint(out, 1)
     resume, why = plan_resume(out, run_identity(ARGS[:-1] + ["8"], {**DATA, "sft_jsonl": "cccc"}, "/m"))
-    assert not resume and "train_args_sha256" in why and not (out / "checkpoints").exists()
+    assert not resume and "train_args_sha256" in why and not list(out.glob("checkpoint-*"))
     _checkpoint(out, 1)
     resume, why = plan_resume(out, run_identity(ARGS[:-1] + ["8"], {**DATA, "sft_jsonl": "cccc"}, "/other"))
     assert not resume and "base_model" in why

@@ -12,7 +12,7 @@ from riskva_core.errors import RiskvaError
 from riskva_core.model.merge import MergeConfig, fixed_inputs, merge
 from riskva_core.model.loading import load_model, load_processor, save_processor, set_pixel_budget
 from riskva_core.train.trainable import apply_trainable
-from riskva_core.train.config import TrainConfig
+from riskva_core.train.config import TrainableArguments
 from riskva_core.data.conversation import PromptTemplate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,9 +24,8 @@ def adapter(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
     data = make_prepared_dataset(root / "data", 5)
     base = make_tiny_model(root / "model", data)
-    cfg = TrainConfig(model_name_or_path=str(base), dataset_path=data, output_dir=root / "run", lora_r=4,
-                      lora_alpha=8, tune_merger=True, train_lm_head=True)
-    model = apply_trainable(load_model(base), cfg)
+    cfg = TrainableArguments(lora_r=4, lora_alpha=8, tune_merger=True, train_lm_head=True)
+    model = apply_trainable(load_model(base), cfg, seed=0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -104,9 +103,7 @@ def bf16_base(adapter):
 
 def _planted_adapter(base, out, data_root, b_value: float):
     """A LoRA adapter on ``base`` whose B matrices are all ``b_value`` (A keeps peft's init)."""
-    cfg = TrainConfig(model_name_or_path=str(base), dataset_path=data_root, output_dir=out.parent / "run",
-                      lora_r=4, lora_alpha=8)
-    model = apply_trainable(load_model(base, dtype="bfloat16"), cfg)
+    model = apply_trainable(load_model(base, dtype="bfloat16"), TrainableArguments(lora_r=4, lora_alpha=8), seed=0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:

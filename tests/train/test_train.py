@@ -17,9 +17,9 @@ import pytest
 
 from model_fixtures import make_prepared_dataset, make_tiny_model
 from riskva_core.errors import RiskvaError
+from riskva_core.train.config import TrainableArguments, build_parser, config_from_args
 from riskva_core.train.sft import DEBUG_HASH_ENV, PAUSE_ENV, train
-from riskva_core.train.trainable import apply_trainable, count_parameters, param_groups, params_digest
-from riskva_core.train.config import HELP, TrainConfig, build_parser, config_from_args
+from riskva_core.train.trainable import apply_trainable, params_digest
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def test_zero2_single_process_trains_saves_and_reloads(env, zero2_run):
     out, p = zero2_run
     assert "DeepSpeed ZeRO-2" in p.stderr
     metrics = json.loads((out / "adapter" / "metrics.json").read_text())
-    losses = [h["train/loss"] for h in metrics["history"] if "train/loss" in h]
+    losses = [h["loss"] for h in metrics["history"] if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert metrics["final"]["step"] == 6 and metrics["final"]["trainable_parameters"] > 0
     assert f"trainable parameters: {metrics['final']['trainable_parameters']:,}" in p.stderr
@@ -104,7 +104,9 @@ def test_zero2_single_process_trains_saves_and_reloads(env, zero2_run):
     info = json.loads((data / "dataset_info.json").read_text())
     assert json.loads((adapter / "dataset.json").read_text())["fingerprint"] == info["fingerprint"]
     assert list((out / "runs").rglob("events.out.tfevents.*"))
-    assert sorted(int(c.name.split("-")[1]) for c in (out / "checkpoints").glob("checkpoint-*")) == [2, 4]
+    # Trainer's rotation (--save_total_limit 2, the default) keeps the newest two.
+    assert sorted(int(c.name.split("-")[1]) for c in out.glob("checkpoint-*")) == [4, 6]
+    assert "eval_loss" in metrics["final"]  # the val split is evaluated at the end
 
     # Reloading the saved adapter gives back exactly the trained parameters.
     reloaded = load_model(model, adapter_path=adapter, trainable_adapter=True)
@@ -151,14 +153,14 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(env, zero2_run):
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher (the rank runs in its own session)
         proc.wait()
     assert not (out / "adapter").exists()
-    assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
-    assert not (out / "checkpoints" / "checkpoint-4").exists()
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (out / "checkpoint-4").exists()
 
     p = _run(_launch(1, args + ["--resume_from_checkpoint", "auto"]))
     assert "resumed from" in p.stderr and "at step 2" in p.stderr
     got, want = _adapter_tensors(out), _adapter_tensors(ref_out)
     assert got.keys() == want.keys()
-    # Same batches, RNG and optimizer state: equal up to float round-off (documented in train.py).
+    # Same batches, RNG and optimizer state: equal up to float round-off (documented in sft.py).
     diff = max(float((got[k] - want[k]).abs().max()) for k in want)
     assert diff < 1e-5, diff
     assert any(float(want[k].abs().max()) > 0 for k in want if "lora_B" in k)
@@ -176,44 +178,49 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(env):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "stop requested" in err
-    state = json.loads((out / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())
-    assert state["step"] == 1
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1
     assert not (out / "adapter").exists()
 
-    # Resume in-process (the Dagster path): a reporter sees metrics and the final metadata.
-    class Rec:
+    # Resume in-process (the Dagster path): a callback sees the remaining steps' logs.
+    from transformers import TrainerCallback
+
+    class Rec(TrainerCallback):
         def __init__(self):
-            self.logs, self.metrics, self.final = [], [], None
+            self.steps, self.began_at = [], None
 
-        def log(self, msg):
-            self.logs.append(msg)
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.began_at = state.global_step
 
-        def report_metrics(self, step, metrics):
-            self.metrics.append(step)
-
-        def report_final(self, metadata):
-            self.final = metadata
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.steps.append(state.global_step)
 
     rec = Rec()
     cfg = config_from_args(args + ["--resume_from_checkpoint", "auto"])
-    result = train(cfg, reporter=rec)
-    assert result["step"] == 3 and rec.metrics == [2, 3]
-    assert rec.final["dataset_fingerprint"] and rec.final["pixel_budget"]["max_pixels"] == 3136
-    assert any("resumed from" in m for m in rec.logs)
+    result = train(cfg, callbacks=[rec])
+    assert result["step"] == 3 and rec.began_at == 1 and rec.steps == [2, 3]
+    assert result["world_size"] == 1 and result["adapter_dir"] == str(out / "adapter")
+    args_json = json.loads((out / "adapter" / "training_args.json").read_text())
+    assert args_json["pixel_budget"]["max_pixels"] == 3136 and args_json["resume_from_checkpoint"] == "auto"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def _trainable(**over) -> TrainableArguments:
+    return TrainableArguments(**{"lora_r": 4, "lora_alpha": 8, **over})
+
+
 def test_lora_targets_only_the_language_model_and_counts_parameters(env):
+    from transformers.trainer_pt_utils import get_model_param_count
+
     from riskva_core.model.loading import load_model
 
     _, data, model_dir = env
     base = load_model(model_dir)
-    cfg = TrainConfig(model_name_or_path=str(model_dir), dataset_path=data, output_dir=Path("unused"), lora_r=4,
-                      lora_alpha=8)
-    model = apply_trainable(load_model(model_dir), cfg)
+    model = apply_trainable(load_model(model_dir), _trainable(), seed=0)
     lora_names = [n for n, _ in model.named_parameters() if "lora_" in n]
     assert lora_names and not [n for n in lora_names if "visual" in n]
-    trainable, total = count_parameters(model)
+    trainable = get_model_param_count(model, trainable_only=True)
     tc = base.config.text_config
     head_dim = tc.hidden_size // tc.num_attention_heads
     dims = {"q_proj": (tc.hidden_size, tc.num_attention_heads * head_dim),
@@ -224,55 +231,102 @@ def test_lora_targets_only_the_language_model_and_counts_parameters(env):
             "down_proj": (tc.intermediate_size, tc.hidden_size)}
     expected = tc.num_hidden_layers * sum(4 * (i + o) for i, o in dims.values())
     assert trainable == expected
+    # all-linear (PEFT's spelling) means every language-model projection, still never the ViT's MLPs.
+    all_linear = apply_trainable(load_model(model_dir), _trainable(lora_target_modules="all-linear"), seed=0)
+    assert get_model_param_count(all_linear, trainable_only=True) == expected
+    assert not [n for n, _ in all_linear.named_parameters() if "lora_" in n and "visual" in n]
 
-    cfg2 = TrainConfig(model_name_or_path=str(model_dir), dataset_path=data, output_dir=Path("unused"), lora_r=4,
-                       lora_alpha=8, tune_merger=True, train_lm_head=True)
-    trainable2, _ = count_parameters(apply_trainable(load_model(model_dir), cfg2))
+    with_heads = apply_trainable(load_model(model_dir), _trainable(tune_merger=True, train_lm_head=True), seed=0)
     merger = sum(p.numel() for p in base.model.visual.merger.parameters())
-    assert trainable2 == expected + merger + base.lm_head.weight.numel()
+    assert get_model_param_count(with_heads, trainable_only=True) == expected + merger + base.lm_head.weight.numel()
 
-    cfg3 = TrainConfig(model_name_or_path=str(model_dir), dataset_path=data, output_dir=Path("unused"), lora_r=4,
-                       lora_alpha=8, tune_vision=True)
-    names3 = [n for n, _ in apply_trainable(load_model(model_dir), cfg3).named_parameters() if "lora_" in n]
+    names3 = [n for n, _ in apply_trainable(load_model(model_dir), _trainable(tune_vision=True), seed=0)
+              .named_parameters() if "lora_" in n]
     assert any("visual.blocks" in n for n in names3)
 
 
-def test_merger_lr_puts_the_merger_in_its_own_scaled_groups(env):
+def test_merger_lr_is_its_own_group_and_follows_the_schedule(env, tmp_path):
+    """The optimizer Trainer steps: merger groups at --merger_lr, scaled by the same schedule."""
     from riskva_core.model.loading import load_model
+    from riskva_core.train.sft import RiskvaTrainer
 
     _, data, model_dir = env
-    common = dict(model_name_or_path=str(model_dir), dataset_path=data, output_dir=Path("unused"), lora_r=4,
-                  lora_alpha=8, tune_merger=True, train_lm_head=True, learning_rate=2e-3, weight_decay=0.1)
-    model = apply_trainable(load_model(model_dir), TrainConfig(**common, merger_lr=1e-2))
+    cfg = config_from_args(_args(model_dir, data, tmp_path, merger_lr=1e-2, weight_decay=0.1, warmup_ratio=0.25,
+                                 max_steps=8, report_to="none"))
+    model = apply_trainable(load_model(model_dir), cfg.trainable, seed=0)
+    trainer = RiskvaTrainer(model=model, args=cfg.args, merger_lr=cfg.trainable.merger_lr)
+    trainer.create_optimizer_and_scheduler(num_training_steps=8)
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = param_groups(model, TrainConfig(**common, merger_lr=1e-2))
+    groups = trainer.optimizer.param_groups
     seen = [id(p) for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)  # each exactly once
+    kinds = []
     for g in groups:
         merger = {".visual.merger." in f".{names[id(p)]}" for p in g["params"]}
         assert len(merger) == 1  # a group never mixes merger and other weights
-        assert g["lr_scale"] == (pytest.approx(5.0) if merger.pop() else 1.0)
-        assert g["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
-    assert {round(g["lr_scale"], 6) for g in groups} == {1.0, 5.0}  # both kinds exist
-    assert {g["lr_scale"] for g in param_groups(model, TrainConfig(**common))} == {1.0}
+        kinds.append(merger.pop())
+        assert g["weight_decay"] in (0.0, 0.1)
+        assert not any(("bias" in names[id(p)] or "norm" in names[id(p)]) for p in g["params"]) or g["weight_decay"] == 0
+    assert set(kinds) == {True, False}
+    ratio = 1e-2 / cfg.args.learning_rate
+    for _ in range(6):  # warmup, then cosine decay: the ratio stays the same at every step
+        lrs = {k: {g["lr"] for g, m in zip(groups, kinds) if m == k} for k in (True, False)}
+        (merger_lr,), (lm_lr,) = lrs[True], lrs[False]
+        assert merger_lr == pytest.approx(ratio * lm_lr)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert 0 < lm_lr < cfg.args.learning_rate  # it did follow the schedule
+    default = RiskvaTrainer(model=model, args=cfg.args)  # no --merger_lr: upstream's optimizer as is
+    assert len({g["lr"] for g in default.create_optimizer().param_groups}) == 1
 
 
 def test_flags_help_and_validation(env):
     _, data, model = env
     text = build_parser().format_help()
-    for name in HELP:
-        assert f"--{name}" in text
+    # Ours, the seed's, and upstream's TrainingArguments flags, with the older spellings kept.
+    for flag in ("--use_lora", "--lora_target_modules", "--merger_lr", "--torch_dtype", "--dtype",
+                 "--attn_implementation", "--deepspeed", "--eval_strategy", "--load_best_model_at_end",
+                 "--early_stopping_patience", "--lr_scheduler_type", "--lr_scheduler", "--warmup_ratio",
+                 "--optim", "--report_to", "--resume_from_checkpoint"):
+        assert flag in text, flag
     base = ["--model_name_or_path", str(model), "--dataset_path", str(data), "--output_dir", "o"]
-    assert config_from_args(base + ["--use_lora", "False"]).use_lora is False
-    assert config_from_args(base + ["--use_lora", "True", "--bf16"]).bf16 is True
+    assert config_from_args(base + ["--use_lora", "False"]).trainable.use_lora is False
+    cfg = config_from_args(base + ["--use_lora", "True", "--bf16", "--dtype", "bfloat16"])
+    assert cfg.args.bf16 is True and cfg.model.torch_dtype == "bfloat16"
+    # The old loop's cosine: decays to 10 % of the peak.
+    assert cfg.args.lr_scheduler_type == "cosine_with_min_lr" and cfg.args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert config_from_args(base + ["--warmup_ratio", "0.1"]).args.warmup_steps == 0.1
+    assert config_from_args(base + ["--lr_scheduler", "linear"]).args.lr_scheduler_type == "linear"
+    assert config_from_args(base + ["--report_to", "tensorboard,mlflow"]).args.report_to == ["tensorboard", "mlflow"]
+    assert config_from_args(base + ["--eval_steps", "5"]).args.eval_strategy == "steps"
     with pytest.raises(RiskvaError, match="lora_target_modules"):
         config_from_args(base + ["--lora_target_modules", "q_proj,qkv"])
     with pytest.raises(RiskvaError, match="min_pixels"):
         config_from_args(base + ["--min_pixels", "5000", "--max_pixels", "4000"])
-    with pytest.raises(RiskvaError, match="max_steps"):
-        config_from_args(base + ["--num_train_epochs", "0"])
-    assert config_from_args(base + ["--merger_lr", "1e-2", "--tune_merger"]).merger_lr == 1e-2
+    with pytest.raises(RiskvaError, match="torch_dtype"):
+        config_from_args(base + ["--torch_dtype", "int3"])
+    with pytest.raises(RiskvaError, match="early_stopping_patience"):
+        config_from_args(base + ["--early_stopping_patience", "2"])
+    assert config_from_args(base + ["--merger_lr", "1e-2", "--tune_merger"]).trainable.merger_lr == 1e-2
     with pytest.raises(RiskvaError, match="merger_lr"):
         config_from_args(base + ["--merger_lr", "0"])
     with pytest.raises(RiskvaError, match="--merger_lr needs --tune_merger"):
         config_from_args(base + ["--merger_lr", "1e-2", "--tune_merger", "False"])
+
+
+def test_early_stopping_and_best_checkpoint(env):
+    """--early_stopping_patience through Trainer's EarlyStoppingCallback; the adapter is the best step's.
+
+    With --greater_is_better True on a falling eval_loss, the first evaluation stays the best, so
+    patience 1 stops at the second one and the best checkpoint is step 1.
+    """
+    root, data, model = env
+    out = root / "early"
+    args = _args(model, data, out, max_steps=6, save_steps=1, eval_steps=1, report_to="none",
+                 load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
+                 early_stopping_patience=1, lora_dropout=0.0)
+    result = train(config_from_args(args))
+    assert result["step"] == 2 and result["best_model_checkpoint"] == str(out / "checkpoint-1")
+    evals = [h["eval_loss"] for h in json.loads((out / "adapter" / "metrics.json").read_text())["history"]
+             if "eval_loss" in h]
+    assert evals[1] < evals[0] and result["eval_loss"] == pytest.approx(evals[0])  # the kept weights are step 1's
