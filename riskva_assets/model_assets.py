@@ -164,17 +164,16 @@ def lineage_command(command: list[str]) -> str:
 
 
 def merge_verdict(report: dict) -> tuple[bool, str]:
-    """Whether a merge report says merged == base+adapter: its own ``equivalent`` verdict when it
-    has one, else every recorded logit difference below the tolerance."""
-    if "equivalent" in report:
-        return bool(report["equivalent"]), str(report.get("reason", ""))
+    """Whether a merge report says merged == base+adapter, and the numbers behind it: the report's
+    own ``equivalent`` verdict when it has one, else every logit difference below the tolerance."""
     tol = report.get("tolerance_abs", report.get("tolerance"))
     diffs = {k: report.get(k) for k in ("max_abs_logit_diff", "reload_max_abs_logit_diff")}
     if tol is None or diffs["max_abs_logit_diff"] is None:
         return False, "merge report has no logit difference or tolerance"
-    bad = {k: v for k, v in diffs.items() if v is not None and not float(v) < float(tol)}
-    text = ", ".join(f"{k}={float(v):.3g}" for k, v in diffs.items() if v is not None) + f" (tolerance {tol:g})"
-    return not bad, text
+    text = ", ".join(f"{k}={float(v):.3g}" for k, v in diffs.items() if v is not None) + f" (tolerance {tol:.3g})"
+    if "equivalent" in report:
+        return bool(report["equivalent"]), text
+    return all(float(v) <= float(tol) for v in diffs.values() if v is not None), text
 
 
 @dg.asset(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,6 +19,28 @@ import pytest
 from PIL import Image
 
 from riskva_core.schema import LEVELS
+
+@pytest.fixture(autouse=True, scope="session")
+def _hermetic_data_root(tmp_path_factory):
+    """Tests never read or write the checkout's data root: ``make test`` exports RISKVA_HOME and
+    DAGSTER_HOME for the demo's ./riskva_home, and a test that fell back to them would both leak
+    into the user's registry and see whatever models it holds. Each session gets its own."""
+    home = tmp_path_factory.mktemp("riskva_home")
+    saved = {k: os.environ.get(k) for k in ("RISKVA_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI",
+                                             "MLFLOW_REGISTRY_URI", "RISKVA_MLFLOW_TRACKING_URI",
+                                             "RISKVA_MLFLOW_REGISTRY_URI", "RISKVA_BASE_MODEL")}
+    for key in saved:
+        os.environ.pop(key, None)
+    os.environ["RISKVA_HOME"] = str(home)
+    os.environ["DAGSTER_HOME"] = str(home / "dagster_home")
+    (home / "dagster_home").mkdir()
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
 
 RISKS = ("墙面开裂，存在渗水隐患", "钢筋外露，锈蚀加剧", "防水涂料透底，墙体易发霉", "模板支撑间距过大")
 ADVICE = ("建议凿除松散部位后修补，并加强养护。", "建议除锈后补刷防锈漆，加厚保护层。", "建议透底处补刷防水涂料。", "建议按方案加密支撑。")

@@ -238,6 +238,10 @@ class RiskvaTrainingArguments(TrainingArguments):
         if self.gradient_checkpointing_kwargs is None and self.activation_checkpointing_kwargs is None:
             # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DeepSpeed ZeRO-3.
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        if self.include_num_input_tokens_seen in (False, "no", None):
+            # Always counted (one gathered scalar per step) so every run reports training tokens/s,
+            # image tokens included; the flag's parser only takes booleans, so it is set here.
+            self.include_num_input_tokens_seen = "non_padding"
         if self.fp16:
             from riskva_core.model.loading import FP16_REFUSED
 

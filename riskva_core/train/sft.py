@@ -137,7 +137,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     model = apply_trainable(model, cfg.trainable, args.seed)
     # ds_numel-aware: under ZeRO-3 partitioned weights count in full, not as 0.
     n_trainable, n_total = get_model_param_count(model, trainable_only=True), get_model_param_count(model)
-    log(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.2f}%)")
+    held = sum(p.numel() for p in model.parameters())  # ZeRO-3: this rank's placeholders are empty
+    log(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.2f}%); "
+        f"held whole on this rank: {held:,}")
 
     stop = StopOnSignal(cfg.output_dir)
     extra = [stop, EpochForAugment(train_ds), *(callbacks or [])]
@@ -175,6 +177,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
         "world_size": args.world_size,
         "best_model_checkpoint": trainer.state.best_model_checkpoint,
     })
+    tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    if tokens and result.metrics.get("train_runtime"):
+        final.setdefault("train_tokens_per_second", round(tokens / result.metrics["train_runtime"], 3))
     if os.environ.get(DEBUG_HASH_ENV):
         write_json(cfg.output_dir / "debug" / f"rank{args.process_index}.json",
                    {"rank": args.process_index, "world_size": args.world_size, "digest": params_digest(trainer.model)})

@@ -91,10 +91,11 @@ def test_train_cli_recipe_flag_expands_and_explicit_flags_win(tiny):
 
     base = ["--dataset_path", "d", "--output_dir", "o"]
     seed = config_from_args(["--model_name_or_path", HUB_ID, *base, "--recipe", "seed"])
-    assert seed.learning_rate == 5e-6 and seed.lora_r == 64 and seed.bf16 and seed.gradient_checkpointing
+    assert seed.args.learning_rate == 5e-6 and seed.trainable.lora_r == 64
+    assert seed.args.bf16 and seed.args.gradient_checkpointing
     auto = config_from_args(["--model_name_or_path", HUB_ID, *base, "--recipe", "auto", "--lora_r", "16"])
-    assert auto.learning_rate == 1e-4 and auto.lora_r == 16
+    assert auto.args.learning_rate == 1e-4 and auto.trainable.lora_r == 16
     demo = config_from_args(["--model_name_or_path", str(tiny), *base, "--recipe", "auto"])
-    assert demo.train_lm_head and demo.learning_rate == 2e-3
+    assert demo.trainable.train_lm_head and demo.args.learning_rate == 2e-3
     with pytest.raises(RiskvaError, match="--recipe: unknown training recipe 'bogus'"):
         config_from_args(["--model_name_or_path", HUB_ID, *base, "--recipe", "bogus"])

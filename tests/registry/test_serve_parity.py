@@ -67,7 +67,7 @@ def world(tmp_path_factory):
     raw = build_raw_dataset(tmp / "raw", rows, images=photos, image_size=(1200, 900))
     ds = tmp / "prepared"
     prepare(PrepareConfig(csv_path=raw.csv_path, image_base_path=raw.root, output_path=ds, format="jsonl",
-                          max_image_size=(448, 448), num_workers=1))
+                          max_image_size=(448, 448), num_workers=1, val_ratio=0.2, test_ratio=0.3))
     model = make_tiny_model(tmp / "tiny", ds)
     save_image_policy(ds, model)  # what training writes next to the processor
     home = tmp / "home"
