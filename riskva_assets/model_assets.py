@@ -168,11 +168,13 @@ def merge_verdict(report: dict) -> tuple[bool, str]:
     own ``equivalent`` verdict when it has one, else every logit difference below the tolerance."""
     tol = report.get("tolerance_abs", report.get("tolerance"))
     diffs = {k: report.get(k) for k in ("max_abs_logit_diff", "reload_max_abs_logit_diff")}
-    if tol is None or diffs["max_abs_logit_diff"] is None:
-        return False, "merge report has no logit difference or tolerance"
-    text = ", ".join(f"{k}={float(v):.3g}" for k, v in diffs.items() if v is not None) + f" (tolerance {tol:.3g})"
+    measured = tol is not None and diffs["max_abs_logit_diff"] is not None
+    text = (", ".join(f"{k}={float(v):.3g}" for k, v in diffs.items() if v is not None) + f" (tolerance {tol:.3g})"
+            if measured else "")
     if "equivalent" in report:
-        return bool(report["equivalent"]), text
+        return bool(report["equivalent"]), text or str(report.get("reason", ""))
+    if not measured:
+        return False, "merge report has no logit difference or tolerance"
     return all(float(v) <= float(tol) for v in diffs.values() if v is not None), text
 
 

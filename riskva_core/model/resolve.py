@@ -79,13 +79,17 @@ def download_mlflow_model(uri: str, flag: str = "--model_path") -> tuple[Path, P
     import mlflow
     import yaml
 
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        from riskva_core.paths import DataRoot
+    from riskva_core.paths import DataRoot
 
-        mlflow.set_tracking_uri(DataRoot.from_env().mlflow_tracking_uri)
+    # Named explicitly rather than through mlflow's process-wide URI, which whatever ran earlier in
+    # the process may have pointed at another registry.
+    tracking = (os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get("RISKVA_MLFLOW_TRACKING_URI")
+                or DataRoot.from_env().mlflow_tracking_uri)
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or os.environ.get("RISKVA_MLFLOW_REGISTRY_URI") or tracking
     dst = Path(tempfile.mkdtemp(prefix="riskva-model-"))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking,
+                                                         registry_uri=registry))
     except Exception as exc:  # MlflowException, RestException, OSError…: all mean "cannot get it"
         shutil.rmtree(dst, ignore_errors=True)
         raise RiskvaError(f"{flag} {uri}: cannot download from MLflow ({str(exc).splitlines()[0]})") from None

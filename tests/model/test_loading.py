@@ -43,7 +43,9 @@ def test_a_hub_id_resolves_to_the_cached_snapshot_and_loads(hf_cache):
     assert load_processor(HUB_ID).tokenizer is not None
 
 
-def test_a_missing_model_is_one_line_naming_the_flag_and_what_was_tried(hf_cache, tmp_path):
+def test_a_missing_model_is_one_line_naming_the_flag_and_what_was_tried(hf_cache, tmp_path, monkeypatch):
+    # An empty registry of its own: earlier tests in the process may have pointed MLflow elsewhere.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
     with pytest.raises(RiskvaError, match=r"^--base_model_path Qwen/Qwen2.5-VL-72B-Instruct: not a local folder and "
                        r"not in the Hugging Face cache .*HF_HUB_OFFLINE=1"):
         resolve_model_ref("Qwen/Qwen2.5-VL-72B-Instruct", "--base_model_path")
