@@ -333,6 +333,8 @@ def explicit_flags(argv: list[str]) -> dict[str, Any]:
     """
     import argparse
 
+    if "-h" in argv or "--help" in argv:
+        return {}  # the real parse prints the help (with its description)
     parser = build_parser()
     unset = object()
     parser.set_defaults(**{a.dest: unset for a in parser._actions if a.default is not argparse.SUPPRESS})
