@@ -14,7 +14,8 @@ Precision policy (``--torch_dtype``, ``--attn_implementation``):
     float16    refused: Qwen2.5-VL's activations exceed fp16's range (65504) and overflow to inf/NaN
 
     attention  sdpa (PyTorch's fused kernel) by default; flash_attention_2 when the flash-attn
-               package is installed and the device is a GPU; eager only on request.
+               package is installed, the device is a GPU and the weights are bf16 (flash-attn has no
+               fp32 kernels: flash_attention_2 with float32 is refused); eager only on request.
 """
 from __future__ import annotations
 
@@ -62,19 +63,29 @@ def resolve_dtype(requested: Any = "auto", device: Any = None):
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-def resolve_attn_implementation(requested: str | None = "auto", device: Any = None) -> str:
-    """sdpa by default; flash_attention_2 when installed and on a GPU; a clear error if asked for and absent."""
+def resolve_attn_implementation(requested: str | None = "auto", device: Any = None, dtype: Any = None) -> str:
+    """sdpa by default; flash_attention_2 when installed, on a GPU and in bf16/fp16; a clear error otherwise.
+
+    flash-attn has kernels for 16-bit inputs only: in float32 it fails at the first forward (merge's
+    ``--torch_dtype float32`` check would crash in it), so ``auto`` keeps sdpa there and an explicit
+    flash_attention_2 with float32 is refused. ``dtype`` None means the policy's ``auto`` dtype.
+    """
+    import torch
     from transformers.utils import is_flash_attn_2_available
 
     name = requested or "auto"
     if name not in ATTN_CHOICES:
         raise RiskvaError(f"--attn_implementation must be one of {', '.join(ATTN_CHOICES)}, got {requested!r}")
     on_gpu = _device_type(device) == "cuda"
+    half = resolve_dtype("auto" if dtype is None else dtype, device) in (torch.bfloat16, torch.float16)
     if name == "auto":
-        return "flash_attention_2" if on_gpu and is_flash_attn_2_available() else "sdpa"
+        return "flash_attention_2" if on_gpu and half and is_flash_attn_2_available() else "sdpa"
     if name == "flash_attention_2" and not (on_gpu and is_flash_attn_2_available()):
         raise RiskvaError("--attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn package; "
                           "use sdpa")
+    if name == "flash_attention_2" and not half:
+        raise RiskvaError("--attn_implementation flash_attention_2 runs in bfloat16 only (flash-attn has no "
+                          "float32 kernels); use --torch_dtype bfloat16, or sdpa for float32")
     return name
 
 
@@ -166,7 +177,7 @@ def load_model(path: str | os.PathLike, adapter_path: str | os.PathLike | None =
 
     src = resolve_model_ref(path, flag)
     torch_dtype = resolve_dtype(dtype, device)
-    attn = resolve_attn_implementation(attn_implementation, device)
+    attn = resolve_attn_implementation(attn_implementation, device, torch_dtype)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             src,

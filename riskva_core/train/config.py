@@ -30,6 +30,10 @@ LM_LINEAR_PARENTS = {
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
 _CPU_RANKS = {"configured": False}
+MIN_PIXELS_DEFAULT = 56 * 56
+MAX_PIXELS_DEFAULT = 1280 * 28 * 28
+# Below this, a LoRA update stays under bf16's resolution of the weights it is merged into.
+LORA_LR_FLOOR = 1e-5
 
 
 def _has_gpu() -> bool:
@@ -68,6 +72,28 @@ def init_cpu_ranks(argv: list[str]) -> bool:
     return True
 
 
+def refuse_data_parallel(args: TrainingArguments) -> None:
+    """One process that sees several GPUs: refuse, with the launch line to use instead.
+
+    Trainer would wrap the model in ``nn.DataParallel``, which splits the batch along dim 0 of
+    every tensor: ``pixel_values`` (one row per image patch) is cut apart from the ``input_ids``
+    whose image tokens it fills, and the forward fails. One rank per GPU (DDP/DeepSpeed) does not.
+    """
+    import os
+
+    import torch
+
+    if args.use_cpu or args.deepspeed or os.environ.get("LOCAL_RANK") is not None:
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n > 1:
+        raise RiskvaError(
+            f"one process sees {n} GPUs and Trainer would wrap the model in DataParallel, which splits "
+            f"pixel_values apart from input_ids; launch one rank per GPU: accelerate launch --config_file "
+            f"configs/deepspeed_zero2.yaml --num_processes {n} -m riskva_core.train ... (or use one GPU: "
+            f"CUDA_VISIBLE_DEVICES=0 riskva train ...)")
+
+
 @dataclasses.dataclass
 class ModelArguments:
     model_name_or_path: str = dataclasses.field(
@@ -78,11 +104,13 @@ class ModelArguments:
                                         "float16 is refused (Qwen2.5-VL overflows in it)", "aliases": ["--dtype"]})
     attn_implementation: str | None = dataclasses.field(
         default=None, metadata={"help": "auto, sdpa, flash_attention_2 or eager (default auto: flash_attention_2 "
-                                        "when installed on a GPU, else sdpa)"})
-    recipe: str | None = dataclasses.field(
-        default=None, metadata={"help": "start from a named recipe (train/recipes.py): auto (chosen from the base "
-                                        "model), demo, lora (the 7B LoRA default, lr 1e-4) or seed (the seed's "
-                                        "exact values); flags given on the command line win"})
+                                        "when installed on a GPU and the weights are bf16, else sdpa)"})
+    recipe: str = dataclasses.field(
+        default="auto", metadata={"help": "start from a named recipe (train/recipes.py): auto (the default: chosen "
+                                          "from the base model, lora for the 7B and any real model, demo for a "
+                                          "demo `riskva tiny-model`), demo, lora (the 7B LoRA recipe, lr 1e-4), "
+                                          "seed (the seed's exact values) or none (only the flags' own "
+                                          "defaults); flags given on the command line win"})
 
     def __post_init__(self) -> None:
         from riskva_core.model.loading import ATTN_CHOICES, resolve_dtype
@@ -98,12 +126,16 @@ class ModelArguments:
 class DataArguments:
     dataset_path: Path = dataclasses.field(
         metadata={"help": "prepared JSONL or Parquet folder (train/val/test) or a single split file"})
-    min_pixels: int = dataclasses.field(
-        default=56 * 56, metadata={"help": "minimum pixels per image after resizing; saved into the output processor"})
-    max_pixels: int = dataclasses.field(
-        default=1280 * 28 * 28,
-        metadata={"help": "maximum pixels per image after resizing (one image token per 28x28 px); saved into "
-                          "the output processor so evaluation and serving resize identically"})
+    # None = the recipe's (or these defaults) bounded by the other flag: --max_pixels alone never
+    # contradicts a minimum the user did not set.
+    min_pixels: int | None = dataclasses.field(
+        default=None, metadata={"help": f"minimum pixels per image after resizing (default {MIN_PIXELS_DEFAULT}, "
+                                        "at most --max_pixels); saved into the output processor"})
+    max_pixels: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": f"maximum pixels per image after resizing (one image token per 28x28 px; default "
+                          f"{MAX_PIXELS_DEFAULT}, at least --min_pixels); saved into the output processor so "
+                          "evaluation and serving resize identically"})
     max_length: int = dataclasses.field(
         default=2048, metadata={"help": "samples with more tokens are dropped (counted in the log), never truncated"})
     prompt_config: Path | None = dataclasses.field(
@@ -118,6 +150,10 @@ class DataArguments:
         self.dataset_path = Path(self.dataset_path)
         if self.prompt_config is not None:
             self.prompt_config = Path(self.prompt_config)
+        if self.max_pixels is None:
+            self.max_pixels = max(MAX_PIXELS_DEFAULT, self.min_pixels or 0)
+        if self.min_pixels is None:
+            self.min_pixels = min(MIN_PIXELS_DEFAULT, self.max_pixels)
         for name in ("min_pixels", "max_pixels", "max_length"):
             if getattr(self, name) <= 0:
                 raise RiskvaError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -250,6 +286,7 @@ class RiskvaTrainingArguments(TrainingArguments):
             # The seed's --bf16 on CPU ranks: bf16 autocast on the CPU, as the old loop did
             # (upstream refuses bf16 without a GPU unless use_cpu is set).
             self.use_cpu = True
+        refuse_data_parallel(self)
         if self.early_stopping_patience is not None and (self.early_stopping_patience <= 0
                                                           or not self.load_best_model_at_end):
             raise RiskvaError("--early_stopping_patience needs a positive value and --load_best_model_at_end True")
@@ -288,22 +325,84 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
+def explicit_flags(argv: list[str]) -> dict[str, Any]:
+    """The flags ``argv`` itself sets (aliases, ``--flag=value`` and bare booleans included), parsed.
+
+    A recipe supplies every other value; this tells the two apart without guessing at spellings:
+    the same parser runs with every default replaced by a marker.
+    """
+    import argparse
+
+    if "-h" in argv or "--help" in argv:
+        return {}  # the real parse prints the help (with its description)
+    parser = build_parser()
+    unset = object()
+    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.default is not argparse.SUPPRESS})
+    namespace, _ = parser.parse_known_args(argv)
+    return {k: v for k, v in vars(namespace).items() if v is not unset}
+
+
+def fit_recipe(name: str, recipe: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's flags, adjusted so that none contradicts a flag the user gave.
+
+    A pixel bound the user set moves the recipe's other bound out of its way (``--recipe lora
+    --max_pixels 50176`` lowers the recipe's 200704 minimum to 50176); an explicit ``--tune_merger
+    False`` drops the recipe's merger rate; full fine-tuning (``--use_lora False``) of a model whose
+    recipe is LoRA's takes the seed's full fine-tuning rate, not LoRA's 1e-4.
+    """
+    flags = dict(recipe)
+    if "max_pixels" in given and "min_pixels" not in given and flags.get("min_pixels") is not None:
+        flags["min_pixels"] = min(int(flags["min_pixels"]), given["max_pixels"])
+    if "min_pixels" in given and "max_pixels" not in given and flags.get("max_pixels") is not None:
+        flags["max_pixels"] = max(int(flags["max_pixels"]), given["min_pixels"])
+    if given.get("tune_merger") is False:
+        flags.pop("merger_lr", None)
+    if name == "lora" and given.get("use_lora") is False:
+        from riskva_core.train.recipes import SEED_GPU
+
+        flags["learning_rate"] = SEED_GPU["learning_rate"]
+    return flags
+
+
+def warn_low_lora_lr(cfg: TrainConfig) -> str | None:
+    """One warning line (rank 0 prints it) for LoRA at a full fine-tuning rate; the run goes on."""
+    import os
+
+    lr = cfg.args.learning_rate
+    if not cfg.trainable.use_lora or lr >= LORA_LR_FLOOR:
+        return None
+    msg = (f"warning: LoRA at --learning_rate {lr:g} (below {LORA_LR_FLOOR:g}, a full fine-tuning rate such as "
+           f"the seed's 5e-6): the LoRA update stays below bfloat16's resolution of the weights it is merged "
+           f"into and rounds away in a bf16 merge; LoRA is run at 1e-4 (--recipe lora, the default for a "
+           f"real model: drop --learning_rate)")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[riskva train] {msg}", file=sys.stderr, flush=True)
+    return msg
+
+
 def config_from_args(argv: list[str] | None, description: str | None = None) -> TrainConfig:
-    """Parse ``argv`` (unknown flags are an error, as before); bad values raise RiskvaError."""
+    """Parse ``argv`` over the recipe (``--recipe``, default auto: from the base model).
+
+    The recipe's flags go first, so every flag given on the command line overrides them.
+    Unknown flags are an error, as before; bad values raise RiskvaError.
+    """
+    from riskva_core.train.recipes import recipe_flags, to_argv
+
     parser = build_parser()
     if description:
         parser.description = description
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        model, data, trainable, args = parser.parse_args_into_dataclasses(args=argv)
-        if model.recipe:  # the recipe's flags first, so every flag given on the command line overrides them
-            from riskva_core.train.recipes import resolve
-
-            try:
-                _, recipe_argv = resolve(model.recipe, model.model_name_or_path)
-            except ValueError as exc:
-                raise RiskvaError(f"--recipe: {exc}") from None
-            model, data, trainable, args = parser.parse_args_into_dataclasses(args=recipe_argv + argv)
+        given = explicit_flags(argv)
+        try:
+            name, recipe = recipe_flags(given.get("recipe", "auto"), given.get("model_name_or_path"))
+        except ValueError as exc:
+            raise RiskvaError(f"--recipe: {exc}") from None
+        recipe_argv = to_argv(fit_recipe(name, recipe, given))
+        model, data, trainable, args = parser.parse_args_into_dataclasses(args=recipe_argv + argv)
     except ValueError as exc:  # upstream validation in TrainingArguments/peft-style checks
         raise RiskvaError(str(exc).splitlines()[0]) from None
-    return TrainConfig(model, data, trainable, args)
+    model.recipe = name  # the record says which recipe "auto" became
+    cfg = TrainConfig(model, data, trainable, args)
+    warn_low_lora_lr(cfg)
+    return cfg

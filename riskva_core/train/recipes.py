@@ -12,6 +12,11 @@ LORA_7B    the default for Qwen2.5-VL-7B-Instruct (and any model that is not a d
            rate a LoRA update of a few thousand steps stays below bf16's resolution of the weights
            it is merged into (model/merge.py then refuses it).
 SEED_GPU   the seed's exact values (``--recipe seed``), for reproducing the seed project.
+none       no recipe: only the flags' own defaults (``--recipe none``).
+
+Every entry point applies ``--recipe auto`` unless told otherwise (``python -m riskva_core.train``,
+``accelerate launch -m riskva_core.train``, ``riskva train``, riskva_assets/pipes_train.py, the
+Dagster asset); flags given on the command line always win (train/config.py ``config_from_args``).
 
 ``resolve("auto", base_model)`` picks by the BASE MODEL, never by the devices of whoever asks:
 a folder written by ``riskva tiny-model`` with a demo size (its ``tiny_model_info.json`` says
@@ -76,7 +81,8 @@ SEED_GPU: dict[str, Any] = {
 # LLaMA-Factory's examples/train_lora/qwen2_5vl_lora_sft.yaml and ms-swift's LoRA default: lr 1e-4.
 LORA_7B: dict[str, Any] = {**SEED_GPU, "learning_rate": 1e-4}
 
-RECIPES = {"demo": DEMO_CPU, "lora": LORA_7B, "seed": SEED_GPU}
+# "none": only the flags' own defaults (the seed's full fine-tuning values), nothing underneath.
+RECIPES = {"demo": DEMO_CPU, "lora": LORA_7B, "seed": SEED_GPU, "none": {}}
 MODEL_INFO = "tiny_model_info.json"  # written by `riskva tiny-model`; names the recipe its size was built for
 
 
@@ -99,13 +105,20 @@ def recipe_for_model(base_model: str | None) -> str:
     return "lora"
 
 
-def resolve(name: str, base_model: str | None = None) -> tuple[str, list[str]]:
-    """(recipe name, train argv); 'auto' follows the base model (:func:`recipe_for_model`)."""
+def recipe_flags(name: str, base_model: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(recipe name, its flags); 'auto' follows the base model (:func:`recipe_for_model`)."""
     if name == "auto":
         name = recipe_for_model(base_model)
     if name not in RECIPES:
         raise ValueError(f"unknown training recipe {name!r}; expected auto, {', '.join(RECIPES)}")
-    return name, to_argv(RECIPES[name])
+    return name, dict(RECIPES[name])
+
+
+def resolve(name: str, base_model: str | None = None) -> tuple[str, list[str]]:
+    """(recipe name, train argv); the argv names the recipe too (``--recipe NAME``), so that
+    ``riskva_core.train``, which applies ``--recipe auto`` by default, puts the same one underneath."""
+    name, flags = recipe_flags(name, base_model)
+    return name, ["--recipe", name, *to_argv(flags)]
 
 
 def to_argv(recipe: dict[str, Any], **overrides: Any) -> list[str]:

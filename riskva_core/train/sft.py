@@ -13,12 +13,14 @@ Single process (CPU or one GPU, no DeepSpeed):
     riskva train --model_name_or_path MODEL --dataset_path DATA --output_dir OUT
     python -m riskva_core.train --model_name_or_path MODEL --dataset_path DATA --output_dir OUT
 
-Multi-GPU with DeepSpeed ZeRO-2 (the seed's launch line; override --num_processes):
+Multi-GPU with DeepSpeed ZeRO-2 (the seed's launch line; one rank per visible GPU; the recipe,
+``--recipe auto``, comes from the base model: the 7B LoRA recipe, lr 1e-4, for the 7B):
 
-    accelerate launch --config_file configs/deepspeed_zero2.yaml --num_processes 8 \\
+    accelerate launch --config_file configs/deepspeed_zero2.yaml \\
+        --num_processes "$(python -c 'import torch; print(torch.cuda.device_count())')" \\
         -m riskva_core.train --model_name_or_path Qwen/Qwen2.5-VL-7B-Instruct \\
         --dataset_path DATA --output_dir OUT --per_device_train_batch_size 2 \\
-        --gradient_accumulation_steps 8 --num_train_epochs 3 --learning_rate 5e-6 \\
+        --gradient_accumulation_steps 8 --num_train_epochs 3 \\
         --bf16 --gradient_checkpointing --use_lora True
     torchrun --nproc_per_node 8 -m riskva_core.train --deepspeed configs/ds_zero3.json ...
 
@@ -46,6 +48,7 @@ from riskva_core.data.samples import detect_format, read_samples
 from riskva_core.train.checkpoint import PAUSE_ENV, EpochForAugment, StopOnSignal, resolve_resume
 from riskva_core.train.config import TrainConfig, config_from_args, init_cpu_ranks
 from riskva_core.train.outputs import prompt_template, write_adapter
+from riskva_core.train.precision import keep_fp32_master
 from riskva_core.train.trainable import apply_trainable, param_groups, params_digest
 
 DEBUG_HASH_ENV = "RISKVA_DEBUG_PARAM_HASH"  # each rank writes a hash of its trainable params
@@ -135,6 +138,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
                        device="cpu" if args.use_cpu else None)
     model.config.use_cache = False
     model = apply_trainable(model, cfg.trainable, args.seed)
+    if upcast := keep_fp32_master(model, args):
+        log(f"kept {upcast} trainable bf16 tensors in float32 (master weights; --bf16 autocasts the compute)")
     # ds_numel-aware: under ZeRO-3 partitioned weights count in full, not as 0.
     n_trainable, n_total = get_model_param_count(model, trainable_only=True), get_model_param_count(model)
     held = sum(p.numel() for p in model.parameters())  # ZeRO-3: this rank's placeholders are empty

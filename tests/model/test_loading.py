@@ -71,6 +71,22 @@ def test_precision_policy():
         resolve_attn_implementation("flash_attention_2", "cpu")
 
 
+def test_flash_attention_only_in_bf16(tiny, monkeypatch):
+    """A GPU with flash-attn, simulated: auto picks it for bf16 only, fp32 with it is refused before loading."""
+    import transformers.utils
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert resolve_attn_implementation("auto", "cuda") == "flash_attention_2"  # auto dtype: bf16 on this GPU
+    assert resolve_attn_implementation("auto", "cuda", torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", "cuda", "float32") == "sdpa"
+    assert resolve_attn_implementation("flash_attention_2", "cuda", "bfloat16") == "flash_attention_2"
+    with pytest.raises(RiskvaError, match=r"^--attn_implementation flash_attention_2 runs in bfloat16 only .*"
+                                          r"use --torch_dtype bfloat16, or sdpa for float32$"):
+        load_model(tiny, dtype="float32", attn_implementation="flash_attention_2", device="cuda")
+
+
 def test_load_model_applies_dtype_and_attention(tiny):
     model = load_model(tiny, dtype="bfloat16", attn_implementation="sdpa")
     assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa"

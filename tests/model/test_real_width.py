@@ -35,14 +35,16 @@ WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:]); "
         "sys.exit(rc)")
 PEAK_RSS: dict[str, float] = {}
 
-TRAIN_FLAGS = ["--bf16", "--gradient_checkpointing", "--use_lora", "True", "--lora_r", "8", "--lora_alpha", "16",
-               "--lora_dropout", "0", "--max_steps", "1", "--per_device_train_batch_size", "1",
-               "--gradient_accumulation_steps", "1", "--warmup_ratio", "0", "--min_pixels", "784",
-               "--max_pixels", "3136", "--max_length", "256", "--logging_steps", "1", "--save_steps", "0",
-               "--seed", "0",
-               # One step at 1e-2 moves LoRA B to ~1e-2, so B·A·scale clears bf16's spacing of the
-               # weights (~1e-4) and the merge keeps it; at 1e-4 one step would round away (merge.py).
-               "--learning_rate", "1e-2"]
+# The seed's launch line (README.zh.md: --bf16 --gradient_checkpointing --use_lora True), made small
+# (1 step, batch 1, 56 px images), with no --recipe and no --learning_rate: the recipe comes from the base model.
+SEED_LINE_FLAGS = ["--bf16", "--gradient_checkpointing", "--use_lora", "True", "--lora_r", "8", "--lora_alpha", "16",
+                   "--lora_dropout", "0", "--max_steps", "1", "--per_device_train_batch_size", "1",
+                   "--gradient_accumulation_steps", "1", "--warmup_ratio", "0", "--min_pixels", "784",
+                   "--max_pixels", "3136", "--max_length", "256", "--logging_steps", "1", "--save_steps", "0",
+                   "--seed", "0"]
+# One step at 1e-2 moves LoRA B to ~1e-2, so B·A·scale clears bf16's spacing of the
+# weights (~1e-4) and the merge keeps it; at 1e-4 one step would round away (merge.py).
+TRAIN_FLAGS = [*SEED_LINE_FLAGS, "--learning_rate", "1e-2"]
 
 
 def _run(name: str, cmd: list[str], env: dict, tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -77,10 +79,10 @@ def hub(tmp_path_factory):
     print(f"\nreal-width peak RSS (GB, largest process): {PEAK_RSS}")
 
 
-def _launch(config: Path, model: str, data: Path, out: Path, port: int) -> list[str]:
+def _launch(config: Path, model: str, data: Path, out: Path, port: int, flags: list[str] = TRAIN_FLAGS) -> list[str]:
     return [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2",
             "--main_process_port", str(port), "-m", "riskva_core.train", "--model_name_or_path", model,
-            "--dataset_path", str(data), "--output_dir", str(out), *TRAIN_FLAGS]
+            "--dataset_path", str(data), "--output_dir", str(out), *flags]
 
 
 @pytest.fixture(scope="module")
@@ -153,21 +155,25 @@ def test_answers_through_riskva_infer_by_hub_id_and_merged(hub, zero2, merged):
         assert len(records) == 2 and all(r["raw_output"] and not r.get("error") for r in records)
 
 
-def test_zero3_partitions_every_parameter(hub, zero2, tmp_path):
+def test_zero3_partitions_every_parameter_and_the_seed_line_trains_at_the_7b_recipe_rate(hub, zero2, tmp_path):
     """stage3_param_persistence_threshold 0: no parameter stays whole on a rank (not even norms/biases).
 
-    Peak RSS is recorded but not compared: saving gathers the full 16-bit weights on rank 0.
+    Launched by hub id with the seed's flags and neither --recipe nor --learning_rate: the 7B LoRA
+    recipe (lr 1e-4) comes from the base model. Peak RSS is recorded but not compared: saving
+    gathers the full 16-bit weights on rank 0.
     """
-    root, data, env, snapshot = hub
+    root, data, env, _ = hub
     ds = json.loads((REPO / "configs/ds_zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     yaml = (REPO / "configs/deepspeed_zero3.yaml").read_text().replace("configs/ds_zero3.json", str(tmp_path / "ds.json"))
     (tmp_path / "accelerate.yaml").write_text(yaml)
     out = root / "zero3"
-    proc = _run("train-zero3", _launch(tmp_path / "accelerate.yaml", str(snapshot), data, out,
-                                       29900 + os.getpid() % 500), env, root)
+    proc = _run("train-zero3", _launch(tmp_path / "accelerate.yaml", HUB_ID, data, out,
+                                       29900 + os.getpid() % 500, SEED_LINE_FLAGS), env, root)
     assert "world size 2 (DeepSpeed ZeRO-3)" in proc.stderr
+    args = json.loads((out / "adapter" / "training_args.json").read_text())
+    assert args["recipe"] == "lora" and args["learning_rate"] == 1e-4 and "warning: LoRA" not in proc.stderr
     # ZeRO-3 gathered the partitions for the save: same LoRA tensors as ZeRO-2's run.
     from safetensors.torch import load_file
 

@@ -128,7 +128,8 @@ def test_deepspeed_flag_under_torchrun_zero3_counts_partitioned_weights(env, tmp
            "--master_port", str(29900 + os.getpid() % 90), "-m", "riskva_core.train", "--deepspeed",
            str(tmp_path / "ds.json"), *paths, *SMALL, "--per_device_train_batch_size", "1",
            "--gradient_accumulation_steps", "1", "--max_steps", "1", "--lora_r", "4", "--lora_alpha", "8",
-           "--train_lm_head", "True", "--save_steps", "0", "--report_to", "none"]
+           "--train_lm_head", "True", "--save_steps", "0", "--report_to", "none",
+           "--recipe", "none"]  # exactly these trainables, no demo recipe (merger) underneath
     env_ = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     p = subprocess.run(cmd, cwd=REPO, env=env_, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-4000:]
