@@ -3,13 +3,24 @@ others aside; never resume a finished run."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import threading
+import time
 from pathlib import Path
+
+import dagster as dg
+import psutil
+import pytest
+from model_fixtures import make_prepared_dataset, make_tiny_model
 
 from riskva_assets.resume import (COMPLETE_FILE, IDENTITY_FILE, SUPERSEDED_DIR, config_files_digest,
                                   launcher_config_files, mark_complete, plan_resume, run_identity, with_resume)
 
 ARGS = ["--model_name_or_path", "/m", "--dataset_path", "/d", "--output_dir", "/o", "--max_steps", "4"]
 DATA = {"sft_jsonl": "aaaa", "base_model": "bbbb"}
+HUB_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
 
 
 def _checkpoint(out: Path, step: int) -> Path:
@@ -95,3 +106,94 @@ def test_launcher_config_files_follow_the_accelerate_config_and_the_deepspeed_fl
     before = config_files_digest(files)
     (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}')
     assert config_files_digest(files) != before
+
+
+@pytest.mark.slow
+def test_preemption_resumes_a_finished_run_is_reused_and_a_code_change_retrains_from_step_0(tmp_path, monkeypatch):
+    """Through Dagster, on the tiny model placed in a temporary Hugging Face cache under a hub id:
+    the base is pinned to its snapshot commit; a SIGTERM to the launcher that Dagster did not send
+    (a spot reclaim) is retried and resumed; a re-run of the finished run trains nothing; a change
+    to the training code trains again from step 0 with the finished run's checkpoints moved aside."""
+    from huggingface_hub import constants
+
+    from riskva_assets import asset_metadata
+    from riskva_assets.assets import ALL_ASSETS
+    from riskva_assets.model_assets import PIN_LINEAGE, base_model_tags
+    from riskva_assets.partitions import DATASET_VERSION
+    from riskva_assets.resources import DataRootResource, MlflowResource, TrainingLauncher
+    from riskva_core.paths import DataRoot
+    from riskva_core.train.sft import PAUSE_ENV
+
+    home, version = tmp_path / "home", "v1"
+    root = DataRoot(home)
+    jsonl = make_prepared_dataset(root.prepared_dir(version, "jsonl"), n=8)
+    repo = tmp_path / "hub" / ("models--" + HUB_ID.replace("/", "--"))
+    make_tiny_model(repo / "snapshots" / "c0ffee1", jsonl)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c0ffee1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    paths = DataRootResource(root=str(home))
+    resources = {"paths": paths, "mlflow": MlflowResource(paths=paths),
+                 "launcher": TrainingLauncher(base_model_path=HUB_ID, termination_timeout_s=60)}
+    train = {"config": {"recipe": "demo", "max_steps": 3, "per_device_train_batch_size": 1,
+                        "extra_args": ["--logging_steps", "1"]}}
+    out = root.train_dir(version)
+
+    def materialize(selection: str, instance) -> dg.ExecuteInProcessResult:
+        return dg.materialize(ALL_ASSETS, selection=[selection], partition_key=version, instance=instance,
+                              run_config=dg.RunConfig(ops={selection: train} if selection == "lora_adapter" else {}),
+                              resources=resources)
+
+    def preempt() -> None:  # the cloud, not Dagster: SIGTERM to the launcher once rank 0 is past step 1
+        marker = out / "debug" / "paused-rank0"
+        deadline = time.monotonic() + 300
+        while not marker.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if marker.is_file():
+            launcher = psutil.Process(int(marker.read_text().split()[1])).parent()
+            assert "accelerate" in " ".join(launcher.cmdline())
+            os.kill(launcher.pid, signal.SIGTERM)
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(DATASET_VERSION, [version])
+        (base,) = materialize("base_model", instance).asset_materializations_for_node("base_model")
+        assert base.metadata["revision"].value == "c0ffee1" and base.metadata["pinned"].value == f"{HUB_ID}@c0ffee1"
+        # The hub's refs/main moves on after the pin: training still loads the pinned commit.
+        shutil.copytree(repo / "snapshots" / "c0ffee1", repo / "snapshots" / "beef002")
+        (repo / "refs" / "main").write_text("beef002")
+
+        monkeypatch.setenv(PAUSE_ENV, "1")
+        signaller = threading.Thread(target=preempt, daemon=True)
+        signaller.start()
+        first = materialize("lora_adapter", instance)
+        signaller.join(timeout=5)
+        kinds = [e.event_type_value for e in first.all_events]
+        assert first.success and "STEP_UP_FOR_RETRY" in kinds and "STEP_RESTARTED" in kinds
+        (mat,) = first.asset_materializations_for_node("lora_adapter")
+        meta = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+        assert meta["resumed"] and meta["resumed_from_step"] == 1 and meta["step"] == 3
+        assert meta["preemption_retries_used"] == 1
+        adapter = out / "adapter"
+        pin = json.loads((adapter / PIN_LINEAGE).read_text())
+        assert pin["revision"] == "c0ffee1" and pin["local_path"].endswith("snapshots/c0ffee1")
+        assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == HUB_ID
+        assert base_model_tags(adapter) == {"base_model.identity": f"{HUB_ID}@c0ffee1",
+                                            "base_model.revision": "c0ffee1"}
+        monkeypatch.delenv(PAUSE_ENV)
+
+        # The same partition again, nothing changed: the finished run is reused, not "resumed" into 0 steps.
+        (again,) = materialize("lora_adapter", instance).asset_materializations_for_node("lora_adapter")
+        assert again.metadata["reused_finished_run"].value and again.metadata["trained_steps"].value == 0
+        assert again.tags["dagster/data_version"] == mat.tags["dagster/data_version"]
+
+        # A change to riskva_core/train (as the reloaded code location hashes it): training again from step 0.
+        monkeypatch.setitem(asset_metadata.CODE_VERSIONS, "lora_adapter", "edited-train-code")
+        (retrained,) = materialize("lora_adapter", instance).asset_materializations_for_node("lora_adapter")
+    meta = {k: getattr(v, "value", v) for k, v in retrained.metadata.items()}
+    assert not meta["resumed"] and meta["resumed_from_step"] == 0 and meta["step"] == 3
+    history = json.loads((out / "adapter" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]  # every step trained in this run
+    moved = Path(meta["superseded_checkpoints"])
+    assert (moved / "checkpoint-3").is_dir() and json.loads((moved / "run_identity.json").read_text())["code_version"] \
+        != "edited-train-code"
