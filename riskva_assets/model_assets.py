@@ -14,7 +14,7 @@ from . import lineage
 from .asset_metadata import CODE_VERSIONS, MODEL, json_or_none
 from .partitions import dataset_version
 from .resources import REPO_ROOT, DataRootResource, TrainingLauncher
-from .resume import (STOPPED_FILE, adapter_version, config_files_digest, launcher_config_files,
+from .resume import (STOPPED_FILE, adapter_version, config_files_digest, identity_sha256, launcher_config_files,
                      mark_complete, plan_resume, run_identity, with_resume)
 
 PIN_LINEAGE = "base_model.json"  # in the adapter folder: the pinned base it was trained on (merge uses it)
@@ -190,7 +190,7 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
     adapter = out / "adapter"
     plan = plan_resume(out, identity, adapter_version(adapter))
     common = {"num_processes": launcher.num_processes, "recipe": recipe, "base_model_pinned": pin.identity,
-              "run_identity": identity["train_args_sha256"][:16],
+              "run_identity": identity_sha256(identity)[:16],
               **({"superseded_checkpoints": dg.MetadataValue.path(str(plan.superseded))} if plan.superseded else {})}
     if plan.superseded:
         context.log.warning(f"checkpoints: {plan.why}")
@@ -232,6 +232,7 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
             "adapter": dg.MetadataValue.path(str(adapter)),
             "resumed": plan.resume,
             "resumed_from_step": resumed_from,
+            "trained_steps": step - resumed_from if isinstance(step, int) else None,
             "preemption_retries_used": context.retry_number,
             "command": dg.MetadataValue.md(f"```\n{lineage_command(command)}\n```"),
         },
@@ -300,8 +301,8 @@ def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,
     try:
         adapter = root.train_dir(version) / "adapter"
         # The pinned copy the adapter was trained on, never a second look-up of a moving reference.
-        pin = json_or_none(adapter / PIN_LINEAGE) or {}
-        report = merge(MergeConfig(base_model_path=pin.get("local_path") or base_model_location(paths, launcher, version),
+        base = (json_or_none(adapter / PIN_LINEAGE) or {}).get("local_path")
+        report = merge(MergeConfig(base_model_path=base or base_model_location(paths, launcher, version),
                                    adapter_path=adapter, output_dir=out))
     except RiskvaError as exc:
         # Verification failed (nothing written): record why on the check; registration does not run.

@@ -173,7 +173,8 @@ def plan_resume(output_dir: Path, identity: Mapping[str, Any], adapter_version: 
     moved = supersede(output_dir, previous) if found or complete is not None else None
     if moved is not None:
         why += f": moved them to {moved}"
-    write_text(output_dir / IDENTITY_FILE, json.dumps(dict(identity), ensure_ascii=False, indent=1, sort_keys=True) + "\n")
+    text = json.dumps(dict(identity), ensure_ascii=False, indent=1, sort_keys=True) + "\n"
+    write_text(output_dir / IDENTITY_FILE, text)
     return ResumePlan("fresh", why + "; starting fresh", superseded=moved)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import psutil
 import pytest
-from model_fixtures import make_prepared_dataset, make_tiny_model
+from model_fixtures import make_hf_cache_snapshot, make_prepared_dataset, make_tiny_model
 
 from riskva_assets.resume import (COMPLETE_FILE, IDENTITY_FILE, SUPERSEDED_DIR, config_files_digest,
                                   launcher_config_files, mark_complete, plan_resume, run_identity, with_resume)
@@ -73,7 +72,8 @@ def test_same_identity_resumes_and_anything_else_is_moved_aside(tmp_path: Path):
     (out / IDENTITY_FILE).unlink()
     _checkpoint(out, 3)
     plan = plan_resume(out, identity)
-    assert plan.why.startswith("checkpoints without a run identity: moved them to ") and "checkpoint-3" in _superseded(out)
+    assert plan.why.startswith("checkpoints without a run identity: moved them to ")
+    assert "checkpoint-3" in _superseded(out)
 
 
 def test_a_finished_run_is_reused_as_it_is_or_retrained_never_resumed(tmp_path: Path):
@@ -114,8 +114,6 @@ def test_preemption_resumes_a_finished_run_is_reused_and_a_code_change_retrains_
     the base is pinned to its snapshot commit; a SIGTERM to the launcher that Dagster did not send
     (a spot reclaim) is retried and resumed; a re-run of the finished run trains nothing; a change
     to the training code trains again from step 0 with the finished run's checkpoints moved aside."""
-    from huggingface_hub import constants
-
     from riskva_assets import asset_metadata
     from riskva_assets.assets import ALL_ASSETS
     from riskva_assets.model_assets import PIN_LINEAGE, base_model_tags
@@ -127,12 +125,8 @@ def test_preemption_resumes_a_finished_run_is_reused_and_a_code_change_retrains_
     home, version = tmp_path / "home", "v1"
     root = DataRoot(home)
     jsonl = make_prepared_dataset(root.prepared_dir(version, "jsonl"), n=8)
-    repo = tmp_path / "hub" / ("models--" + HUB_ID.replace("/", "--"))
-    make_tiny_model(repo / "snapshots" / "c0ffee1", jsonl)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("c0ffee1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    tiny = make_tiny_model(tmp_path / "tiny", jsonl)
+    make_hf_cache_snapshot(tmp_path / "hub", HUB_ID, "c0ffee1", tiny, monkeypatch)
     paths = DataRootResource(root=str(home))
     resources = {"paths": paths, "mlflow": MlflowResource(paths=paths),
                  "launcher": TrainingLauncher(base_model_path=HUB_ID, termination_timeout_s=60)}
@@ -160,8 +154,7 @@ def test_preemption_resumes_a_finished_run_is_reused_and_a_code_change_retrains_
         (base,) = materialize("base_model", instance).asset_materializations_for_node("base_model")
         assert base.metadata["revision"].value == "c0ffee1" and base.metadata["pinned"].value == f"{HUB_ID}@c0ffee1"
         # The hub's refs/main moves on after the pin: training still loads the pinned commit.
-        shutil.copytree(repo / "snapshots" / "c0ffee1", repo / "snapshots" / "beef002")
-        (repo / "refs" / "main").write_text("beef002")
+        make_hf_cache_snapshot(tmp_path / "hub", HUB_ID, "beef002", tiny)
 
         monkeypatch.setenv(PAUSE_ENV, "1")
         signaller = threading.Thread(target=preempt, daemon=True)
