@@ -58,7 +58,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, paths
             metadata={"base_model": launcher.base_model_path, "resolved": dg.MetadataValue.path(str(local.resolve())),
                       "built": False, "config_hash": digest, "pinned": pin.identity, "revision": pin.revision,
                       "pin": dg.MetadataValue.json(pin.to_dict()),
-                      "recipe_auto": recipe_for_model(launcher.base_model_path)},
+                      "recipe_auto": recipe_for_model(pin.local_path)},
             data_version=dg.DataVersion(digest[:16]),
         )
     from riskva_core.model.tiny import TinyModelConfig, build_tiny_model

@@ -139,10 +139,11 @@ def test_preemption_resumes_a_finished_run_is_reused_and_a_code_change_retrains_
                               run_config=dg.RunConfig(ops={selection: train} if selection == "lora_adapter" else {}),
                               resources=resources)
 
+    finished = threading.Event()
+
     def preempt() -> None:  # the cloud, not Dagster: SIGTERM to the launcher once rank 0 is past step 1
         marker = out / "debug" / "paused-rank0"
-        deadline = time.monotonic() + 300
-        while not marker.is_file() and time.monotonic() < deadline:
+        while not marker.is_file() and not finished.is_set():  # the rank idles at the marker until signalled
             time.sleep(0.2)
         if marker.is_file():
             launcher = psutil.Process(int(marker.read_text().split()[1])).parent()
@@ -159,8 +160,11 @@ def test_preemption_resumes_a_finished_run_is_reused_and_a_code_change_retrains_
         monkeypatch.setenv(PAUSE_ENV, "1")
         signaller = threading.Thread(target=preempt, daemon=True)
         signaller.start()
-        first = materialize("lora_adapter", instance)
-        signaller.join(timeout=5)
+        try:
+            first = materialize("lora_adapter", instance)
+        finally:
+            finished.set()
+            signaller.join(timeout=5)
         kinds = [e.event_type_value for e in first.all_events]
         assert first.success and "STEP_UP_FOR_RETRY" in kinds and "STEP_RESTARTED" in kinds
         (mat,) = first.asset_materializations_for_node("lora_adapter")
