@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 import dagster as dg
+from dagster._core.errors import DagsterPipesExecutionError
 from pydantic import Field
 
 from riskva_core.train.recipes import DEMO_CPU_MODEL_SIZE
@@ -12,8 +13,11 @@ from riskva_core.train.recipes import DEMO_CPU_MODEL_SIZE
 from . import lineage
 from .asset_metadata import CODE_VERSIONS, MODEL, json_or_none
 from .partitions import dataset_version
-from .resources import DataRootResource, TrainingLauncher
-from .resume import plan_resume, run_identity, with_resume
+from .resources import REPO_ROOT, DataRootResource, TrainingLauncher
+from .resume import (STOPPED_FILE, adapter_version, config_files_digest, identity_sha256, launcher_config_files,
+                     mark_complete, plan_resume, run_identity, with_resume)
+
+PIN_LINEAGE = "base_model.json"  # in the adapter folder: the pinned base it was trained on (merge uses it)
 
 
 class BaseModelConfig(dg.Config):
@@ -29,7 +33,9 @@ class BaseModelConfig(dg.Config):
     deps=["sft_jsonl"],
     description="The base model to fine-tune. With TrainingLauncher.base_model_path set (a local folder, a "
     "hub id such as Qwen/Qwen2.5-VL-7B-Instruct resolved through the Hugging Face cache, or a models:/ URI) "
-    "it is resolved and recorded with the recipe `auto` will pick for it; otherwise the demo model is built: "
+    "it is pinned once (a hub id to its snapshot commit, an MLflow alias to its version, downloaded once) and "
+    "recorded with the recipe `auto` will pick for it; training and the merge then load that pinned copy. "
+    "Otherwise the demo model is built: "
     "a small random-weight Qwen2.5-VL whose tokenizer is trained on this version's prepared text.",
 )
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, paths: DataRootResource,
@@ -37,16 +43,22 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, paths
     root = paths.layout()
     version = context.partition_key
     if launcher.base_model_path:
-        from riskva_core.model.resolve import resolve_model_ref
+        from riskva_core.model.pin import pin_model_ref
         from riskva_core.train.recipes import recipe_for_model
 
-        # A folder, a hub id (its cached snapshot: the revision is part of the path) or an MLflow URI.
-        local = resolve_model_ref(launcher.base_model_path, "RISKVA_BASE_MODEL")
+        # A folder, a hub id (pinned to its snapshot commit) or an MLflow URI (pinned to a version and
+        # downloaded here, once for the whole partition).
+        pin = pin_model_ref(launcher.base_model_path, root.base_model_dir(version), "RISKVA_BASE_MODEL")
+        local = Path(pin.local_path)
         digest = lineage.folder_hash(local, ("*.json", "*.txt", "*.jinja", "*.index.json"))
+        if pin.revision:  # another commit or version is other weights, even with the same config files
+            digest = lineage.text_hash(digest, pin.identity)
+        context.log.info(f"base model {pin.ref} pinned to {pin.identity} at {local}")
         return dg.MaterializeResult(
             metadata={"base_model": launcher.base_model_path, "resolved": dg.MetadataValue.path(str(local.resolve())),
-                      "built": False, "config_hash": digest,
-                      "recipe_auto": recipe_for_model(launcher.base_model_path)},
+                      "built": False, "config_hash": digest, "pinned": pin.identity, "revision": pin.revision,
+                      "pin": dg.MetadataValue.json(pin.to_dict()),
+                      "recipe_auto": recipe_for_model(pin.local_path)},
             data_version=dg.DataVersion(digest[:16]),
         )
     from riskva_core.model.tiny import TinyModelConfig, build_tiny_model
@@ -71,6 +83,42 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, paths
 
 def base_model_location(paths: DataRootResource, launcher: TrainingLauncher, version: str) -> str:
     return launcher.base_model_path or str(paths.layout().base_model_dir(version))
+
+
+def pinned_base(context: dg.AssetExecutionContext, paths: DataRootResource, launcher: TrainingLauncher,
+                version: str):
+    """The base model pinned by this partition's ``base_model`` materialization (pinned here, once, if
+    there is none); the demo model's folder when no base is configured."""
+    from riskva_core.errors import RiskvaError
+    from riskva_core.model.pin import PinnedModel, pin_model_ref
+
+    if not launcher.base_model_path:
+        local = str(paths.layout().base_model_dir(version))
+        return PinnedModel(ref=local, kind="folder", pinned_ref=local, local_path=local)
+    from .asset_metadata import upstream_metadata
+
+    try:
+        recorded = upstream_metadata(context, "base_model").get("pin")
+    except RiskvaError:
+        recorded = None
+    if isinstance(recorded, dict):
+        pin = PinnedModel.from_dict(recorded)
+        if pin.ref != launcher.base_model_path:
+            raise RiskvaError(f"base_model of {version} was pinned for {pin.ref}, but RISKVA_BASE_MODEL is now "
+                              f"{launcher.base_model_path}: materialize base_model again")
+        if not Path(pin.local_path).is_dir():
+            raise RiskvaError(f"the pinned base model {pin.identity} is no longer at {pin.local_path}: "
+                              "materialize base_model again")
+        return pin
+    pin = pin_model_ref(launcher.base_model_path, paths.layout().base_model_dir(version), "RISKVA_BASE_MODEL")
+    context.log.info(f"base_model has recorded no pin for {version}: pinned {pin.ref} to {pin.identity} now")
+    return pin
+
+
+def base_model_tags(adapter_dir: Path) -> dict[str, str]:
+    """Registry tags naming the pinned base an adapter was trained on (empty for older adapters)."""
+    pin = json_or_none(Path(adapter_dir) / PIN_LINEAGE) or {}
+    return {f"base_model.{k}": str(pin[k]) for k in ("identity", "revision") if pin.get(k)}
 
 
 class TrainConfig(dg.Config):
@@ -115,46 +163,93 @@ class TrainConfig(dg.Config):
     description="LoRA SFT adapter, trained out of process through Dagster Pipes: `accelerate launch` with the "
     "DeepSpeed ZeRO-2 config runs riskva_assets.pipes_train on every rank; rank 0 alone streams logs and "
     "reports the materialization. Cancelling the run sends SIGTERM to every rank: each saves a checkpoint "
-    "and exits. A retry or re-execution resumes from the newest checkpoint of the same data versions, base "
-    "model and training config (run_identity.json beside the checkpoints); checkpoints of anything else are "
-    "cleared. Runs in the `gpu` pool (limit 1). Never automated: train on purpose (schedule or Launchpad).",
+    "and exits. A retry or re-execution resumes from the newest checkpoint of the same data versions, pinned "
+    "base model, training code, launcher config and training flags (run_identity.json beside the checkpoints; "
+    "logging/save cadence/loader workers aside); checkpoints of anything else are moved to superseded/, and a "
+    "finished run of the same identity is reused, never resumed. A run stopped by a SIGTERM Dagster did not "
+    "send (preemption) is retried and resumed, TrainingLauncher.preemption_retries times. Runs in the `gpu` "
+    "pool (limit 1). Never automated: train on purpose (schedule or Launchpad).",
 )
 def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: DataRootResource,
                  launcher: TrainingLauncher) -> dg.MaterializeResult:
     root = paths.layout()
     version = context.partition_key
     out = root.train_dir(version)
-    base = base_model_location(paths, launcher, version)
-    recipe, train_args = config.train_args(base)
+    pin = pinned_base(context, paths, launcher, version)
+    recipe, train_args = config.train_args(pin.local_path)  # auto: from the weights actually trained
     args = [
-        "--model_name_or_path", base,
+        "--model_name_or_path", pin.pinned_ref,
         "--dataset_path", str(root.prepared_dir(version, "jsonl")),
         "--output_dir", str(out),
         *train_args,
     ]
-    identity = run_identity(args, lineage.upstream_data_versions(context, ["sft_jsonl", "base_model"]), base,
-                            launcher.num_processes)
-    resume, why = plan_resume(out, identity)
-    context.log.info(f"checkpoints: {why}")
-    command = launcher.command(with_resume(args, resume))
+    launcher_files = launcher_config_files(launcher.config_path(), args, REPO_ROOT)
+    identity = run_identity(args, lineage.upstream_data_versions(context, ["sft_jsonl", "base_model"]), pin.identity,
+                            launcher.num_processes, code_version=CODE_VERSIONS["lora_adapter"],
+                            launcher_config_sha256=config_files_digest(launcher_files))
+    adapter = out / "adapter"
+    plan = plan_resume(out, identity, adapter_version(adapter))
+    common = {"num_processes": launcher.num_processes, "recipe": recipe, "base_model_pinned": pin.identity,
+              "run_identity": identity_sha256(identity)[:16],
+              **({"superseded_checkpoints": dg.MetadataValue.path(str(plan.superseded))} if plan.superseded else {})}
+    if plan.superseded:
+        context.log.warning(f"checkpoints: {plan.why}")
+    else:
+        context.log.info(f"checkpoints: {plan.why}")
+    if plan.action == "reuse":
+        return dg.MaterializeResult(
+            metadata={**common, "adapter": dg.MetadataValue.path(str(adapter)), "reused_finished_run": True,
+                      "resumed": False, "trained_steps": 0, "step": plan.completed.get("step")},
+            data_version=dg.DataVersion(plan.completed["adapter_version"]),
+        )
+    from riskva_core.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(out) if plan.resume else []  # what --resume_from_checkpoint auto picks
+    resumed_from = found[-1][0] if found else 0
+    (out / STOPPED_FILE).unlink(missing_ok=True)
+    command = launcher.command(with_resume(args, plan.resume))
     context.log.info("training: " + lineage_command(command))
-    invocation = launcher.client().run(context=context, command=command, env=launcher.env_vars())
+    try:
+        invocation = launcher.client().run(context=context, command=command, env={**launcher.env_vars(), **pin.env()})
+    except DagsterPipesExecutionError:
+        retry_if_preempted(context, out, launcher)
+        raise
+    retry_if_preempted(context, out, launcher)
     reported = invocation.get_materialize_result()
     reported_dir = (reported.metadata or {}).get("adapter_dir")
-    adapter = Path(getattr(reported_dir, "value", reported_dir)) if reported_dir else out / "adapter"
+    adapter = Path(getattr(reported_dir, "value", reported_dir)) if reported_dir else adapter
+    from riskva_core.atomic import write_json
+
+    write_json(adapter / PIN_LINEAGE, pin.to_dict())  # the adapter's lineage: what it was trained on
     digest = lineage.folder_hash(adapter, ("adapter_*", "*.json"))
+    data_version = reported.data_version or dg.DataVersion(digest[:16])
+    step = getattr((reported.metadata or {}).get("step"), "value", None)
+    mark_complete(out, identity, data_version.value, step)
     return dg.MaterializeResult(
         metadata={
             **(reported.metadata or {}),
+            **common,
             "adapter": dg.MetadataValue.path(str(adapter)),
-            "num_processes": launcher.num_processes,
-            "recipe": recipe,
-            "resumed": resume,
-            "run_identity": identity["train_args_sha256"][:16],
+            "resumed": plan.resume,
+            "resumed_from_step": resumed_from,
+            "trained_steps": step - resumed_from if isinstance(step, int) else None,
+            "preemption_retries_used": context.retry_number,
             "command": dg.MetadataValue.md(f"```\n{lineage_command(command)}\n```"),
         },
-        data_version=reported.data_version or dg.DataVersion(digest[:16]),
+        data_version=data_version,
     )
+
+
+def retry_if_preempted(context: dg.AssetExecutionContext, out: Path, launcher: TrainingLauncher) -> None:
+    """A run that stopped after its checkpoint on a SIGTERM Dagster did not send (a Dagster cancel
+    never gets here: the client re-raises it) is retried; the retry resumes from that checkpoint."""
+    stopped = json_or_none(out / STOPPED_FILE)
+    if stopped is None:
+        return
+    context.log.warning(f"training was stopped by a signal Dagster did not send (preemption?) after saving "
+                        f"checkpoint-{stopped.get('step')}; retry {context.retry_number + 1} of at most "
+                        f"{launcher.preemption_retries} resumes from it")
+    raise dg.RetryRequested(max_retries=launcher.preemption_retries) from None
 
 
 def lineage_command(command: list[str]) -> str:
@@ -204,8 +299,11 @@ def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,
     version = context.partition_key
     out = root.merged_dir(version)
     try:
-        report = merge(MergeConfig(base_model_path=base_model_location(paths, launcher, version),
-                                   adapter_path=root.train_dir(version) / "adapter", output_dir=out))
+        adapter = root.train_dir(version) / "adapter"
+        # The pinned copy the adapter was trained on, never a second look-up of a moving reference.
+        base = (json_or_none(adapter / PIN_LINEAGE) or {}).get("local_path")
+        report = merge(MergeConfig(base_model_path=base or base_model_location(paths, launcher, version),
+                                   adapter_path=adapter, output_dir=out))
     except RiskvaError as exc:
         # Verification failed (nothing written): record why on the check; registration does not run.
         return dg.MaterializeResult(

@@ -12,7 +12,6 @@ Outside Dagster (no Pipes environment) it behaves like ``python -m riskva_core.t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -21,9 +20,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from riskva_assets.resume import STOPPED_FILE, adapter_version
+from riskva_core.atomic import write_json
 from riskva_core.train.outputs import dataset_fingerprint
 
-# Exit status of a run stopped by SIGTERM after its checkpoint: not a success for Dagster.
+# Exit status of a run stopped by SIGTERM after its checkpoint: not a success for Dagster. Rank 0 also
+# writes OUTPUT_DIR/stopped.json, which is how lora_adapter tells a stop (preemption: retried and
+# resumed) from a crash (failed) whatever exit status the launcher makes of it.
 EXIT_STOPPED = 4
 
 
@@ -39,17 +42,6 @@ def _metadata_value(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
-
-
-def adapter_version(adapter_dir: Path) -> str | None:
-    """Content hash of the adapter weights + config: the materialization's data version."""
-    files = sorted(p for p in adapter_dir.glob("adapter_*") if p.is_file())
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()[:16]
 
 
 class PipesCallback(TrainerCallback):
@@ -101,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             result = train(cfg, callbacks=[PipesCallback(pipes)])
             if result.get("interrupted"):
                 # Stopped (SIGTERM) after a checkpoint: no adapter, so no materialization.
+                write_json(cfg.output_dir / STOPPED_FILE, {"step": result.get("step"), "pid": os.getpid()})
                 pipes.log.warning(f"training stopped at step {result.get('step')}; checkpoint saved, "
                                   "rerun resumes with --resume_from_checkpoint auto")
                 return EXIT_STOPPED

@@ -13,6 +13,7 @@ from riskva_core.errors import RiskvaError
 
 from . import lineage
 from .asset_metadata import CODE_VERSIONS, REGISTRY, confusion_table, md_table, rounded, upstream_metadata
+from .model_assets import base_model_tags
 from .partitions import dataset_version
 from .resources import DataRootResource, MlflowResource, TrainingLauncher
 
@@ -86,6 +87,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisterConfig, 
         "dataset_version": version,
         "dagster_run_id": context.run_id,
         "base_model": launcher.base_model_path or "demo",
+        **base_model_tags(root.train_dir(version) / "adapter"),  # the pinned commit / MLflow version trained on
         **{f"code_version.{k}": v for k, v in CODE_VERSIONS.items()},
         **{f"data_version.{k}": v for k, v in upstream.items()},
         MERGED_SHA_TAG: merged_sha,

@@ -78,6 +78,9 @@ class TrainingLauncher(dg.ConfigurableResource):
         default=600.0, description="On cancel: seconds every rank gets to checkpoint before SIGKILL"
     )
     extra_env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the ranks")
+    preemption_retries: int = Field(
+        default=3, description="A run stopped by a SIGTERM that Dagster did not send (spot reclaim, node drain) "
+        "after its checkpoint is retried this many times, each resuming from that checkpoint")
 
     def config_path(self) -> Path:
         path = Path(self.accelerate_config)

@@ -122,3 +122,22 @@ def make_tiny_model(dir: str | Path, dataset_dir: str | Path, size: str = "tiny"
     from riskva_core.model.tiny import TinyModelConfig, build_tiny_model
 
     return build_tiny_model(TinyModelConfig(output_dir=Path(dir), dataset_path=Path(dataset_dir), size=size, seed=seed))
+
+
+def make_hf_cache_snapshot(cache: str | Path, hub_id: str, commit: str, model_dir: str | Path,
+                           monkeypatch=None) -> Path:
+    """Copy ``model_dir`` into a Hugging Face cache laid out as a download leaves it
+    (``models--OWNER--NAME/snapshots/COMMIT``, ``refs/main`` naming COMMIT); returns the snapshot folder.
+    With ``monkeypatch``, this process reads that cache offline (as HF_HUB_CACHE/HF_HUB_OFFLINE would)."""
+    import shutil
+
+    repo = Path(cache) / ("models--" + hub_id.replace("/", "--"))
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    if monkeypatch is not None:
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return repo / "snapshots" / commit

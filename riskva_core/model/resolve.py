@@ -8,6 +8,15 @@ does. A hub id is resolved by ``huggingface_hub.snapshot_download`` itself: it r
 artifact ``model_dir``; every entry point that accepts ``models:/riskva@champion`` downloads
 it here, so inference, evaluation and serving agree on the layout without importing the
 registry package (which itself depends on inference).
+
+Pinning (:func:`pin_model_ref`): a run that starts several processes (every training rank, then
+the merge) must not let each of them look the reference up again: ``models:/riskva@champion``
+can move, and the hub's ``refs/main`` can advance, between two of those look-ups. The Dagster
+assets pin a reference once: an MLflow alias (or ``latest``) to its version number, downloaded
+once into a folder of its own; a hub id to its snapshot commit. They then hand the processes
+``RISKVA_PINNED_MODELS`` (JSON: reference → local folder), which :func:`resolve_model_ref`
+reads before anything else, so every process loads exactly the pinned copy while the adapter
+still records the portable name.
 """
 from __future__ import annotations
 
@@ -20,6 +29,8 @@ from pathlib import Path
 from riskva_core.errors import RiskvaError
 
 ADAPTER_CONFIG = "adapter_config.json"
+PINS_ENV = "RISKVA_PINNED_MODELS"  # JSON {reference: local folder}: set by whoever pinned the references
+PIN_FILE = "riskva_pin.json"  # beside a pinned MLflow download: what it is a copy of
 ARTIFACT_MODEL_DIR = "model_dir"
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 # What a model folder needs; a hub download fetches only these (no .bin/.pt pickles, no extras).
@@ -51,6 +62,11 @@ def resolve_model_ref(ref: str | os.PathLike, flag: str = "--model_name_or_path"
     themselves and remove the folder once the model is in memory (inference does).
     """
     text = str(ref)
+    pinned = _pins().get(text)
+    if pinned is not None:
+        if not Path(pinned).is_dir():
+            raise RiskvaError(f"{flag} {text}: pinned to {pinned} ({PINS_ENV}), which is not a folder")
+        return Path(pinned)
     if text.startswith(MLFLOW_SCHEMES):
         import atexit
 
@@ -74,18 +90,36 @@ def resolve_model_ref(ref: str | os.PathLike, flag: str = "--model_name_or_path"
                           f"{constants.HF_HUB_CACHE} ({how}: {type(exc).__name__})") from None
 
 
+def _pins() -> dict[str, str]:
+    raw = os.environ.get(PINS_ENV)
+    if not raw:
+        return {}
+    try:
+        pins = json.loads(raw)
+    except json.JSONDecodeError:
+        raise RiskvaError(f"{PINS_ENV} is not JSON: {raw[:80]}") from None
+    if not isinstance(pins, dict):
+        raise RiskvaError(f"{PINS_ENV} must map model references to folders, got {type(pins).__name__}")
+    return {str(k): str(v) for k, v in pins.items()}
+
+
+def mlflow_uris() -> tuple[str, str]:
+    """(tracking URI, registry URI), named explicitly rather than through mlflow's process-wide URI,
+    which whatever ran earlier in the process may have pointed at another registry."""
+    from riskva_core.paths import DataRoot
+
+    tracking = (os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get("RISKVA_MLFLOW_TRACKING_URI")
+                or DataRoot.from_env().mlflow_tracking_uri)
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or os.environ.get("RISKVA_MLFLOW_REGISTRY_URI") or tracking
+    return tracking, registry
+
+
 def download_mlflow_model(uri: str, flag: str = "--model_path") -> tuple[Path, Path]:
     """Download an MLflow model; return (merged model folder inside it, download folder)."""
     import mlflow
     import yaml
 
-    from riskva_core.paths import DataRoot
-
-    # Named explicitly rather than through mlflow's process-wide URI, which whatever ran earlier in
-    # the process may have pointed at another registry.
-    tracking = (os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get("RISKVA_MLFLOW_TRACKING_URI")
-                or DataRoot.from_env().mlflow_tracking_uri)
-    registry = os.environ.get("MLFLOW_REGISTRY_URI") or os.environ.get("RISKVA_MLFLOW_REGISTRY_URI") or tracking
+    tracking, registry = mlflow_uris()
     dst = Path(tempfile.mkdtemp(prefix="riskva-model-"))
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_fixtures import make_prepared_dataset, make_tiny_model
+from model_fixtures import make_hf_cache_snapshot, make_prepared_dataset, make_tiny_model
 from riskva_core.errors import RiskvaError
 from riskva_core.model.loading import load_model, load_processor, resolve_attn_implementation, resolve_dtype
 from riskva_core.model.resolve import is_hub_id, resolve_model_ref
@@ -22,17 +22,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture
 def hf_cache(tmp_path, tiny, monkeypatch):
     """The tiny model as the 7B's snapshot in a temporary cache, read offline (as HF_HUB_CACHE/HF_HUB_OFFLINE do)."""
-    import shutil
-
-    from huggingface_hub import constants
-
-    repo = tmp_path / "hub" / ("models--" + HUB_ID.replace("/", "--"))
-    shutil.copytree(tiny, repo / "snapshots" / "abc123")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("abc123")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return repo / "snapshots" / "abc123"
+    return make_hf_cache_snapshot(tmp_path / "hub", HUB_ID, "abc123", tiny, monkeypatch)
 
 
 def test_a_hub_id_resolves_to_the_cached_snapshot_and_loads(hf_cache):
