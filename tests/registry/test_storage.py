@@ -72,16 +72,12 @@ def bf16_registered(tmp_path_factory):
     failing = dataclasses.replace(Registry.under(DataRoot(home)), model_name="riskva:bad")
     with pytest.raises(MlflowException, match="Invalid model name"):
         failing.log_model(model, example_image=b"any bytes", model_config={"max_new_tokens": 2})
-    os.environ["RISKVA_HOME"], old_home = str(home), os.environ.get("RISKVA_HOME")
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # `riskva register` with default flags: the data root's registry
+        mp.setenv("RISKVA_HOME", str(home))
+        mp.delenv("RISKVA_MLFLOW_TRACKING_URI", raising=False)
         before = _wchar()
         assert register_cli.main(["--model_path", str(model), "--max_new_tokens", "4"]) == 0
         written = _wchar() - before
-    finally:
-        if old_home is None:
-            os.environ.pop("RISKVA_HOME")
-        else:
-            os.environ["RISKVA_HOME"] = old_home
     reg = Registry.under(DataRoot(home))
     return reg, model, written, killed_run, killed_model
 
