@@ -126,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         rv = register(cfg)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    from riskva_core.model.loading import dtype_name, resolve_dtype
+
     alias = f", alias {cfg.alias}" if cfg.alias else ""
-    print(f"registered {rv.name} version {rv.version} ({rv.model_uri}{alias}); serve it with "
-          f"riskva serve --model_uri {rv.model_uri}")
+    loads_in = dtype_name(resolve_dtype(cfg.torch_dtype, None, checkpoint=cfg.model_path))  # as the pyfunc does
+    print(f"registered {rv.name} version {rv.version} ({rv.model_uri}{alias}; loads in {loads_in} on this host); "
+          f"serve it with riskva serve --model_uri {rv.model_uri}")
     return 0
 
 

@@ -114,8 +114,9 @@ def test_registers_the_bf16_stand_in_in_bf16_writing_it_once_with_default_flags(
     the one copy written (storage.py)."""
     root, _, env, snapshot = hub
     home = root / "registry"
-    _run("register", [str(BIN / "riskva"), "register", "--model_path", str(snapshot), "--max_new_tokens", "2"],
-         {**env, "RISKVA_HOME": str(home)}, root)
+    proc = _run("register", [str(BIN / "riskva"), "register", "--model_path", str(snapshot), "--max_new_tokens",
+                             "2"], {**env, "RISKVA_HOME": str(home)}, root)
+    assert "loads in bfloat16 on this host" in proc.stdout
     size = sum(p.stat().st_size for p in snapshot.rglob("*") if p.is_file())
     stored = sum(p.stat().st_size for p in (home / "mlflow").rglob("*") if p.is_file() and p.suffix != ".db")
     assert size <= stored < size + 2**20
