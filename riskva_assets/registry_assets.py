@@ -36,6 +36,8 @@ def _example_image(paths: DataRootResource, version: str) -> bytes:
 class RegisterConfig(dg.Config):
     max_new_tokens: int = Field(default=256, description="generation length of the served pyfunc (model_config)")
     batch_size: int = Field(default=4, description="images per generate() batch in the served pyfunc")
+    torch_dtype: str = Field(default="auto", description="dtype of every load of the version (model_config): auto "
+                             "(a bf16 checkpoint stays bf16 on a CPU) | bfloat16 | float32")
 
 
 def find_registered(registry: reg.Registry, merged_sha: str) -> Optional[reg.RegisteredVersion]:
@@ -109,7 +111,8 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisterConfig, 
             params={"dataset_version": version, "merged_model": str(merged)},
             extra_artifacts={"dataset": dataset_info, "merge": merged / "merge_report.json"},
             run_name=f"register-{version}",
-            model_config={"max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size},
+            model_config={"max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
+                          "torch_dtype": config.torch_dtype},
         )
     registry.set_alias(reg.ALIAS_CHALLENGER, rv.version)
     return dg.MaterializeResult(

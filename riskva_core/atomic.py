@@ -22,6 +22,24 @@ def _umask() -> int:
     return mask
 
 
+def make_readable(root: str | os.PathLike) -> None:
+    """Widen every file and folder under ``root`` to what the umask allows (0644/0755 under 022).
+
+    safetensors (0.8) writes its files through a private temporary file, so they come out 0600;
+    a model folder must be readable by the group, like any Hugging Face save, or a server running
+    as another user cannot load it. Bits are only added, never removed.
+    """
+    mask = _umask()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name, allowed in [(n, 0o666) for n in filenames] + [(n, 0o777) for n in dirnames]:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            mode = os.stat(path).st_mode & 0o7777
+            if mode | (allowed & ~mask) != mode:
+                os.chmod(path, mode | (allowed & ~mask))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` on success."""
@@ -62,6 +80,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        make_readable(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

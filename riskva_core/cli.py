@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("riskva_core.model.merge", "Merge a LoRA adapter into its base model, verified"),
     "infer": ("riskva_core.evaluate.infer", "Run the model on an image, a list, a Parquet/JSONL file"),
     "evaluate": ("riskva_core.evaluate.report", "Score predictions against ground truth; write a report"),
+    "register": ("riskva_core.registry.register", "Register a merged model folder in MLflow (alias challenger)"),
     "serve": ("riskva_core.registry.serve", "Serve the MLflow champion model over HTTP"),
 }
 

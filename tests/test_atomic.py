@@ -49,3 +49,23 @@ def test_outputs_get_umask_permissions_not_tempfile_ones(tmp_path):
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_folder_of_safetensors_comes_out_group_readable(tmp_path):
+    """safetensors writes 0600 files; a finished folder gets what the umask allows, like any HF save."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model") as d:
+            (d / "sub").mkdir(mode=0o700)
+            save_file({"w": torch.zeros(2)}, str(d / "sub" / "model.safetensors"))
+            raw = (d / "sub" / "model.safetensors").stat().st_mode & 0o777
+    finally:
+        os.umask(old)
+    assert raw == 0o600  # what safetensors itself leaves (the reason for make_readable)
+    assert (tmp_path / "model" / "sub").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "model" / "sub" / "model.safetensors").stat().st_mode & 0o777 == 0o644

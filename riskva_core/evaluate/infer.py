@@ -101,8 +101,10 @@ class Generator:
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             self.device = torch.device(device)
-            # The loading policy: bf16 on a bf16 GPU, float32 on CPU (bf16 matmuls are slow there).
-            self.dtype = dtype_name(resolve_dtype(dtype or "auto", self.device))
+            # The loading policy (loading.py): bf16 on a bf16 GPU; on a CPU the checkpoint's own dtype
+            # (bf16 for a 7B: 15 GB, where float32 would need 33 GB) when the CPU computes bf16.
+            checkpoint = path if Path(path).is_dir() else resolve_model_ref(path, "--model_path")  # adapter's base
+            self.dtype = dtype_name(resolve_dtype(dtype or "auto", self.device, checkpoint=checkpoint))
             self.model = load_model(path, adapter_path, dtype=self.dtype, attn_implementation=attn_implementation,
                                     device=self.device, flag="--model_path").to(self.device).eval()
             self.template = prompt_template or load_prompt_template(adapter_path, path)
@@ -416,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--torch_dtype", "--dtype", dest="dtype", default=None,
-                   help="auto | bfloat16 | float32 (default auto: bf16 on a bf16-capable GPU, float32 on CPU); "
+                   help="auto | bfloat16 | float32 (default auto: bf16 on a bf16-capable GPU; on a CPU the "
+                   "checkpoint's own dtype, bf16 for Qwen2.5-VL-7B, when the CPU computes bf16, else float32); "
                    "float16 is refused (Qwen2.5-VL overflows in it)")
     p.add_argument("--attn_implementation", default=None, choices=["auto", "sdpa", "flash_attention_2", "eager"],
                    help="attention kernel (default auto: flash_attention_2 when installed on a GPU, else sdpa)")

@@ -7,8 +7,11 @@ Training, merging, inference and serving all call these functions, so the tiny l
 
 Precision policy (``--torch_dtype``, ``--attn_implementation``):
 
-    auto       bfloat16 where the device computes in it natively (a CUDA GPU with bf16 support),
-               float32 on CPU (bf16 matmuls there are emulated and slow, and exact checks need fp32)
+    auto       bfloat16 on a CUDA GPU with bf16 support; on a CPU, the checkpoint's own dtype when a
+               checkpoint is named (``checkpoint=``: inference, merge verification, registration,
+               serving) and it is bf16 and the CPU computes bf16 correctly (:func:`cpu_supports_bf16`),
+               else float32. A 7B checkpoint is bf16: 15 GB loaded instead of 33 GB, which is what
+               lets it load at all on a 24 GB CPU host. Training names no checkpoint: float32 on CPU.
     bfloat16   Qwen2.5-VL's released precision: half the memory of fp32 (15 GB instead of 33 GB for the 7B)
     float32    exact; the tiny demo model trains in it
     float16    refused: Qwen2.5-VL's activations exceed fp16's range (65504) and overflow to inf/NaN
@@ -19,6 +22,7 @@ Precision policy (``--torch_dtype``, ``--attn_implementation``):
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from typing import Any
 from riskva_core.errors import RiskvaError
 from riskva_core.model.resolve import ADAPTER_CONFIG, is_adapter_dir, resolve_model_ref
 
-__all__ = ["ADAPTER_CONFIG", "is_adapter_dir", "resolve_dtype", "resolve_attn_implementation", "load_model",
+__all__ = ["ADAPTER_CONFIG", "is_adapter_dir", "resolve_dtype", "checkpoint_dtype", "cpu_supports_bf16", "resolve_attn_implementation", "load_model",
            "load_processor", "set_pixel_budget", "pixel_budget", "save_processor", "DTYPE_CHOICES", "ATTN_CHOICES"]
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")
@@ -44,8 +48,55 @@ def _device_type(device: Any) -> str:
     return torch.device(device).type
 
 
-def resolve_dtype(requested: Any = "auto", device: Any = None):
-    """The torch dtype for ``requested`` (auto|bfloat16|float32 or a torch dtype) on ``device``."""
+def checkpoint_dtype(path: str | os.PathLike | None) -> str | None:
+    """The dtype a model folder was saved in (``config.json``'s ``dtype``/``torch_dtype``, top level
+    or ``text_config``), canonical (bfloat16|float32|float16); None when it names none."""
+    import json
+
+    config = Path(path) / "config.json" if path is not None else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RiskvaError(f"{config}: cannot read ({exc})") from None
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    if not isinstance(name, str):
+        return None
+    name = name.removeprefix("torch.")
+    return {"bf16": "bfloat16", "fp32": "float32", "float": "float32", "half": "float16", "fp16": "float16"}.get(
+        name, name)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU (and this torch build) computes bfloat16 matmuls correctly.
+
+    The test is the operation itself: a 64x64 bf16 matmul must run and agree with float32 within
+    bf16's precision. Every x86-64/aarch64 build of torch 2 passes (natively with AVX512-BF16 or
+    AMX, converting through float32 elsewhere: slower per FLOP, same answers); a build without
+    bf16 CPU kernels raises and gets float32. On a CPU host the binding limit is memory, not speed:
+    float32 doubles a bf16 checkpoint (33 GB for the 7B), so bf16 wherever it computes correctly.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 64, generator=gen), torch.randn(64, 64, generator=gen)
+    try:
+        got = (a.to(torch.bfloat16) @ b.to(torch.bfloat16)).float()
+    except (RuntimeError, NotImplementedError):
+        return False
+    ref = a @ b
+    return bool(torch.isfinite(got).all()) and float((got - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+
+
+def resolve_dtype(requested: Any = "auto", device: Any = None, checkpoint: str | os.PathLike | None = None):
+    """The torch dtype for ``requested`` (auto|bfloat16|float32 or a torch dtype) on ``device``.
+
+    ``checkpoint`` (a model folder) lets ``auto`` keep the checkpoint's own bf16 on a CPU (the policy
+    in the module docstring); every load of a finished model passes it.
+    """
     import torch
 
     if isinstance(requested, torch.dtype):
@@ -58,8 +109,10 @@ def resolve_dtype(requested: Any = "auto", device: Any = None):
     if name not in DTYPE_CHOICES:
         raise RiskvaError(f"--torch_dtype must be one of {', '.join(DTYPE_CHOICES)}, got {requested!r}")
     if name == "auto":
-        bf16_native = _device_type(device) == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_native else torch.float32
+        if _device_type(device) == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        keep_bf16 = checkpoint_dtype(checkpoint) == "bfloat16" and cpu_supports_bf16()
+        return torch.bfloat16 if keep_bf16 else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 

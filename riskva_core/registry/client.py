@@ -120,21 +120,30 @@ class Registry:
 
         MLflow checks the input example by loading the logged model and predicting
         on it: seconds for the demo model, a few minutes for a 7B model, and a
-        proof that the registered artifact serves.
+        proof that the registered artifact serves. The model loads in the loading
+        policy's dtype (``model_config["torch_dtype"]``, default auto: a bf16 checkpoint
+        stays bf16 on a CPU). The weights are written once, into the artifact store; a
+        failed or killed registration leaves no RUNNING run and no partial copy (storage.py).
         """
         import mlflow
         from mlflow.models import Model
 
-        from riskva_core.registry import pyfunc
+        from riskva_core.atomic import make_readable
+        from riskva_core.model.loading import resolve_dtype
+        from riskva_core.registry import pyfunc, storage
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise RiskvaError(f"{model_dir}: not a model folder (no config.json)")
+        model_config = {**pyfunc.DEFAULT_MODEL_CONFIG, **(model_config or {})}
+        resolve_dtype(model_config["torch_dtype"], "cpu")  # refused here, not as a warning from MLflow's check
         experiment_id = self.activate()
+        client = self.client()
+        storage.reap_killed_runs(client, experiment_id)
         tags = {k: tag_value(v) for k, v in (tags or {}).items()}
         with tempfile.TemporaryDirectory(prefix="riskva-pyfunc-") as tmp, mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name, tags=tags
-        ) as run:
+            experiment_id=experiment_id, run_name=run_name, tags={**tags, storage.PROCESS_TAG: storage.process_tag()}
+        ) as run, storage.failed_run_discarded(client, experiment_id, run.info.run_id):
             if params:
                 mlflow.log_params({k: tag_value(v)[:6000] for k, v in params.items()})
             for name, path in (extra_artifacts or {}).items():
@@ -143,11 +152,11 @@ class Registry:
             info = Model.log(
                 artifact_path=None,
                 name="model",
-                flavor=mlflow.pyfunc,
+                flavor=storage.LinkedWeightsFlavor(model_dir),  # the weights are written once (storage.py)
                 python_model=str(pyfunc.code_file(tmp)),
                 artifacts={pyfunc.ARTIFACT_MODEL_DIR: str(model_dir)},
                 # Every key logged, so `riskva serve --max_*` can override it at load time.
-                model_config={**pyfunc.DEFAULT_MODEL_CONFIG, **(model_config or {})},
+                model_config=model_config,
                 signature=pyfunc.signature(),
                 input_example=pyfunc.input_example(example_image),
                 pip_requirements=pip_requirements or default_requirements(),
@@ -156,6 +165,8 @@ class Registry:
             run_id = run.info.run_id
         version = str(info.registered_model_version)
         self.set_tags(version, tags)
+        if (stored := storage.local_model_dir(self.model_uri(version), self.tracking_uri, self.registry_uri)):
+            make_readable(stored)  # MLflow's upload copies the source's mode bits; servers may run as another user
         return RegisteredVersion(
             name=self.model_name,
             version=version,

@@ -21,9 +21,13 @@ Response: ``{"predictions": [{"风险": …, "风险等级": …, "纠正和预�
 others are answered; a request over a limit, or none of whose rows can be answered, is a 400
 naming the rows (pyfunc.py). The server keeps serving.
 
-Limits (``--max_rows``, ``--max_request_bytes``, ``--max_decoded_pixels``) default to the
-registered version's ``model_config``; given here they override it at load time through
-MLflow's ``MLFLOW_PYFUNC_INFERENCE_CONFIG``, for either API. With ``--api openai`` the byte
+Limits (``--max_rows``, ``--max_request_bytes``, ``--max_decoded_pixels``) and the load dtype
+(``--torch_dtype``) default to the registered version's ``model_config``; given here they override
+it at load time through MLflow's ``MLFLOW_PYFUNC_INFERENCE_CONFIG``, for either API.
+
+A ``models:/`` version whose artifacts are on this machine's file system (the default sqlite +
+local-artifacts registry) is served from its artifact folder in place; only a remote artifact
+store is downloaded (once, into a temporary folder), so a 7B needs no second 16 GB at start-up. With ``--api openai`` the byte
 limit also caps the HTTP body (a 413 before it is read in full).
 """
 from __future__ import annotations
@@ -65,6 +69,8 @@ class ServeConfig:
     max_rows: int | None = None
     max_request_bytes: int | None = None
     max_decoded_pixels: int | None = None
+    torch_dtype: str | None = None
+    artifact_dir: str | None = None  # set by serve(): the version's local artifact folder, loaded in place
 
     def __post_init__(self) -> None:
         if self.api not in APIS:
@@ -75,6 +81,10 @@ class ServeConfig:
                 raise RiskvaError(f"--{name} must be >= 1, got {value}")
         if not self.model_uri:
             raise RiskvaError("--model_uri is empty")
+        if self.torch_dtype is not None:
+            from riskva_core.model.loading import resolve_dtype
+
+            resolve_dtype(self.torch_dtype, "cpu")  # auto|bfloat16|float32; float16 refused with the reason
         if not 1 <= int(self.port) <= 65535:
             raise RiskvaError(f"--port must be 1..65535, got {self.port}")
         if int(self.workers) < 1:
@@ -90,10 +100,16 @@ class ServeConfig:
 
             self.tracking_uri = DataRoot.from_env().mlflow_tracking_uri
 
-    def overrides(self) -> dict[str, int]:
-        """The pyfunc ``model_config`` keys this server overrides (its limits)."""
-        return {k: int(v) for k in ("max_rows", "max_request_bytes", "max_decoded_pixels")
-                if (v := getattr(self, k)) is not None}
+    def overrides(self) -> dict[str, Any]:
+        """The pyfunc ``model_config`` keys this server overrides (its limits and load dtype)."""
+        limits: dict[str, Any] = {k: int(v) for k in ("max_rows", "max_request_bytes", "max_decoded_pixels")
+                                  if (v := getattr(self, k)) is not None}
+        return {**limits, "torch_dtype": self.torch_dtype} if self.torch_dtype is not None else limits
+
+    @property
+    def load_uri(self) -> str:
+        """What the server loads: the local artifact folder when there is one, else the URI."""
+        return self.artifact_dir or self.model_uri
 
     @property
     def url(self) -> str:
@@ -125,7 +141,7 @@ def server_env(config: ServeConfig, base: dict[str, str] | None = None) -> dict[
         from riskva_core.registry.openai_api import DEFAULT_MAX_REQUEST_BYTES, ENV_CONFIG
 
         env[ENV_CONFIG] = json.dumps({
-            "model_uri": config.model_uri, "model_name": _model_name(config.model_uri),
+            "model_uri": config.load_uri, "model_name": _model_name(config.model_uri),
             "max_request_bytes": config.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES})
     return env
 
@@ -142,7 +158,7 @@ def server_command(config: ServeConfig) -> list[str]:
                 "--timeout-keep-alive", "30"]
     return [
         sys.executable, "-m", "mlflow", "models", "serve",
-        "-m", config.model_uri,
+        "-m", config.load_uri,
         "--env-manager", "local",
         "-h", config.host,
         "-p", str(config.port),
@@ -180,6 +196,7 @@ def usage_text(config: ServeConfig, version: str | None = None) -> str:
         return "\n".join([
             f"Serving {served} (OpenAI-compatible)",
             f"  registry   {config.tracking_uri}",
+            *_artifacts_line(config),
             f"  endpoint   {url}/v1/chat/completions   (health: {url}/health; ready once the model is loaded)",
             "",
             "Examples:",
@@ -192,6 +209,7 @@ def usage_text(config: ServeConfig, version: str | None = None) -> str:
     return "\n".join([
         f"Serving {served}",
         f"  registry   {config.tracking_uri}",
+        *_artifacts_line(config),
         f"  endpoint   {url}/invocations   (health: {url}/ping; ready once the model is loaded)",
         "",
         "Examples:",
@@ -203,9 +221,17 @@ def usage_text(config: ServeConfig, version: str | None = None) -> str:
     ])
 
 
+def _artifacts_line(config: ServeConfig) -> list[str]:
+    return [f"  artifacts  {config.artifact_dir} (loaded in place)"] if config.artifact_dir else []
+
+
 def serve(config: ServeConfig) -> int:
     """Check the model, print where it serves, then become the server (MLflow's or uvicorn; blocks)."""
+    from riskva_core.registry.storage import local_model_dir
+
     version = resolve_model(config) if config.check_model else None
+    local = local_model_dir(config.model_uri, str(config.tracking_uri), config.registry_uri)
+    config.artifact_dir = str(local) if local is not None else None
     print(usage_text(config, version), flush=True)
     command = server_command(config)
     env = server_env(config)
@@ -248,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_decoded_pixels", type=int, default=None,
                    help="pixels per image, checked from its header before decoding "
                    "(default: the model's model_config, 40000000)")
+    p.add_argument("--torch_dtype", default=None,
+                   help="dtype the model loads in: auto | bfloat16 | float32 (default: the version's model_config "
+                   "torch_dtype, auto: bf16 on a bf16 GPU; on a CPU the checkpoint's own dtype, bf16 for "
+                   "Qwen2.5-VL-7B, when the CPU computes bf16, else float32)")
     p.add_argument("--no_check", dest="check_model", action="store_false",
                    help="start without first looking the model URI up in the registry")
     return p

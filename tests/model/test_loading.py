@@ -77,6 +77,31 @@ def test_flash_attention_only_in_bf16(tiny, monkeypatch):
         load_model(tiny, dtype="float32", attn_implementation="flash_attention_2", device="cuda")
 
 
+def test_auto_keeps_a_bf16_checkpoint_in_bf16_on_a_cpu_that_computes_it(tmp_path, monkeypatch):
+    """The one load policy (infer, merge verification, registration, serving): the 7B's bf16 stays bf16."""
+    import json
+
+    from riskva_core.model import loading
+
+    for name, saved in (("bf16", {"dtype": "bfloat16"}), ("old", {"torch_dtype": "bfloat16"}),
+                        ("nested", {"text_config": {"dtype": "bfloat16"}}), ("fp32", {"dtype": "float32"}),
+                        ("fp16", {"torch_dtype": "float16"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(saved))
+    assert [loading.checkpoint_dtype(tmp_path / n) for n in ("bf16", "old", "nested", "fp32", "fp16")] == \
+        ["bfloat16", "bfloat16", "bfloat16", "float32", "float16"]
+    assert loading.checkpoint_dtype(tmp_path) is None
+    assert loading.cpu_supports_bf16()  # a real bf16 matmul on this CPU agrees with float32
+    assert resolve_dtype("auto", "cpu", checkpoint=tmp_path / "bf16") == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", checkpoint=tmp_path / "fp32") == torch.float32
+    assert resolve_dtype("auto", "cpu", checkpoint=tmp_path / "fp16") == torch.float32  # fp16 overflows: fp32
+    assert resolve_dtype("float32", "cpu", checkpoint=tmp_path / "bf16") == torch.float32  # explicit wins
+    assert resolve_dtype("auto", "cpu") == torch.float32  # training names no checkpoint
+    # A CPU (or torch build) without bf16 kernels: float32.
+    monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: False)
+    assert resolve_dtype("auto", "cpu", checkpoint=tmp_path / "bf16") == torch.float32
+
+
 def test_load_model_applies_dtype_and_attention(tiny):
     model = load_model(tiny, dtype="bfloat16", attn_implementation="sdpa")
     assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa"

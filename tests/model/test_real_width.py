@@ -110,6 +110,21 @@ def test_the_stand_in_has_the_7b_widths_in_bf16(hub):
     assert json.loads((snapshot / "tiny_model_info.json").read_text())["recipe"] == "lora"
 
 
+def test_registers_the_bf16_stand_in_in_bf16_writing_it_once_with_default_flags(hub):
+    """`riskva register`: MLflow's input-example check loads the model by the default policy (a bf16
+    checkpoint stays bf16 on a CPU: float32 alone would be 2x the folder), and the artifact store gets
+    the one copy written (storage.py)."""
+    root, _, env, snapshot = hub
+    home = root / "registry"
+    proc = _run("register", [str(BIN / "riskva"), "register", "--model_path", str(snapshot), "--max_new_tokens",
+                             "2"], {**env, "RISKVA_HOME": str(home)}, root)
+    assert "loads in bfloat16 on this host" in proc.stdout
+    size = sum(p.stat().st_size for p in snapshot.rglob("*") if p.is_file())
+    stored = sum(p.stat().st_size for p in (home / "mlflow").rglob("*") if p.is_file() and p.suffix != ".db")
+    assert size <= stored < size + 2**20
+    assert PEAK_RSS["register"] * 1e9 < 1.6 * size, f"register peaked at {PEAK_RSS['register']:.2f} GB"
+
+
 def test_trains_by_hub_id_in_bf16_with_checkpointing_on_two_zero2_ranks(zero2):
     adapter, log = zero2
     assert "world size 2 (DeepSpeed ZeRO-2)" in log

@@ -7,7 +7,9 @@ port for the whole module and is always stopped at the end.
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,7 @@ import requests
 from model_fixtures import make_prepared_dataset, make_tiny_model
 from servers import ServerProcess, free_port
 
+from riskva_core.errors import RiskvaError
 from riskva_core.paths import DataRoot
 from riskva_core.registry.client import Registry
 from riskva_core.data.samples import read_samples
@@ -54,9 +57,12 @@ def server(registered, tmp_path_factory):
     home, _, _, _ = registered
     port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    with ServerProcess([RISKVA, "serve", "--port", str(port)], env=_env(home), log=log, name="riskva serve") as srv:
+    server_tmp = tmp_path_factory.mktemp("server-tmp")  # the server's TMPDIR: where a start-up copy would go
+    with ServerProcess([RISKVA, "serve", "--port", str(port)], env={**_env(home), "TMPDIR": str(server_tmp)},
+                       log=log, name="riskva serve") as srv:
         url = f"http://127.0.0.1:{port}"
         srv.wait_http(f"{url}/ping", timeout=240)
+        srv.server_tmp = server_tmp
         yield url, srv
 
 
@@ -69,6 +75,14 @@ def test_serve_prints_the_url_and_curl_examples(server):
     out = srv.tail(20000)
     assert f"{url}/invocations" in out and "curl -s" in out and "base64 -w0" in out
     assert "models:/riskva@champion (version 1)" in out
+
+
+def test_a_local_artifact_is_served_in_place_without_a_temporary_copy(server, registered):
+    _, srv = server
+    _, reg, _, _ = registered
+    served = Path(re.search(r"artifacts  (\S+) \(loaded in place\)", srv.tail(20000))[1])
+    assert served.resolve().is_relative_to(Path(reg.artifact_root).resolve()) and (served / "MLmodel").is_file()
+    assert not list(srv.server_tmp.rglob("*.safetensors"))
 
 
 def test_base64_jpeg_returns_the_four_fields_and_raw_text(server, registered):
@@ -181,5 +195,11 @@ def test_command_and_environment_point_mlflow_at_the_data_root(tmp_path, monkeyp
     assert env["MLFLOW_TRACKING_URI"] == expected and env["MLFLOW_REGISTRY_URI"] == expected
     # MLflow starts `uvicorn` by name: this venv's bin must come first.
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    # --torch_dtype reaches the pyfunc's model_config; a local artifact folder is what MLflow loads.
+    config = ServeConfig(torch_dtype="bfloat16", artifact_dir=str(tmp_path / "artifacts"))
+    assert json.loads(server_env(config)["MLFLOW_PYFUNC_INFERENCE_CONFIG"]) == {"torch_dtype": "bfloat16"}
+    assert server_command(config)[server_command(config).index("-m", 3) + 1] == str(tmp_path / "artifacts")
+    with pytest.raises(RiskvaError, match="--torch_dtype float16 is refused"):
+        ServeConfig(torch_dtype="float16")
     monkeypatch.setenv("RISKVA_MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert server_env(ServeConfig())["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
