@@ -25,3 +25,12 @@ def png_header_only(w: int, h: int) -> bytes:
 
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
         chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def mpo(img: Image.Image, quality: int = 92) -> bytes:
+    """A phone JPEG with a second picture inside (MPF extension), as Pillow writes it: opens as ``MPO``.
+    The second frame is a different picture, so a reader that took it would show."""
+    buf = io.BytesIO()
+    second = Image.new("RGB", (img.width // 4 or 1, img.height // 4 or 1), (0, 0, 255))
+    img.save(buf, format="MPO", quality=quality, save_all=True, append_images=[second])
+    return buf.getvalue()

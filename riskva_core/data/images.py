@@ -9,6 +9,9 @@ Decisions worth knowing:
 - Content hash (``ImageReport.sha256``) is the sha256 of the *file bytes*. It is cheap,
   independent of decode settings, and catches the common case: the same photo copied
   under two names. Re-encoded copies are not caught (that would need perceptual hashing).
+- Phone JPEGs with a second picture inside (the MPF extension: depth maps, previews) open
+  in Pillow as format ``MPO``; they are JPEGs and are accepted everywhere, the first frame
+  (the photo itself) is used.
 - A file whose extension disagrees with its content (``a.png`` holding a JPEG) is accepted
   when the content is an allowed format and decodes fully; a warning is recorded.
 - Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) stays on; our
@@ -30,7 +33,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from riskva_core import atomic
 
-ALLOWED_FORMATS: tuple[str, ...] = ("BMP", "JPEG", "PNG", "TIFF", "WEBP")
+ALLOWED_FORMATS: tuple[str, ...] = ("BMP", "JPEG", "MPO", "PNG", "TIFF", "WEBP")
+# Formats libjpeg decodes: draft-mode scaling applies and a ``.jpg`` name matches them.
+JPEG_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO"})
 EXTENSION_FORMATS: dict[str, str] = {
     ".jpg": "JPEG",
     ".jpeg": "JPEG",
@@ -155,7 +160,7 @@ def decode_fitted(img: Image.Image, max_size: tuple[int, int] | None) -> Image.I
     orient = orientation(img)
     size = _oriented(img.size, orient)
     target = fit_size(size, max_size) if max_size is not None else size
-    if img.format == "JPEG" and target != size:
+    if img.format in JPEG_FORMATS and target != size:
         # libjpeg's DCT scaling: decode at the smallest 1/2^k scale still >= target.
         img.draft(img.mode, _oriented(target, orient))
     img.load()
@@ -249,7 +254,8 @@ def inspect_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, encode:
         if min(w, h) < MIN_IMAGE_SIDE:
             rep.warnings.append(f"image is only {w}x{h}; the model upsamples it to {MIN_IMAGE_SIDE} px")
         ext = p.suffix.lower()
-        if EXTENSION_FORMATS.get(ext) != img.format:
+        expected = EXTENSION_FORMATS.get(ext)
+        if expected != img.format and not (expected == "JPEG" and img.format in JPEG_FORMATS):
             rep.warnings.append(f"extension '{ext or '(none)'}' does not match its {img.format} content; accepted")
         rep.size = _oriented((w, h), orientation(img))
         try:
