@@ -55,6 +55,20 @@ def load_prompt_template(*folders: str | Path | None) -> PromptTemplate:
     return PromptTemplate()
 
 
+def _check_penalty(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise RiskvaError(f"--repetition_penalty must be > 0, got {value}")
+    return None if value is None else float(value)
+
+
+def generation_settings(max_new_tokens: int, repetition_penalty: float | None, seed: int) -> dict[str, Any]:
+    """The decoding settings ``Generator`` applies (greedy, one beam), as recorded in reports."""
+    return {"do_sample": False, "num_beams": 1, "max_new_tokens": int(max_new_tokens),
+            "repetition_penalty": float(repetition_penalty or 1.0),
+            "repetition_penalty_source": "set" if repetition_penalty is not None else "default (none)",
+            "seed": int(seed)}
+
+
 class Generator:
     """A loaded model + processor that turns images into answer texts, deterministically.
 
@@ -73,6 +87,7 @@ class Generator:
         prompt_template: PromptTemplate | None = None,
         max_decoded_pixels: int | None = None,
         attn_implementation: str | None = None,
+        repetition_penalty: float | None = None,
     ):
         import torch
 
@@ -82,6 +97,7 @@ class Generator:
             raise RiskvaError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
         self.max_new_tokens = int(max_new_tokens)
         self.seed = int(seed)
+        self.repetition_penalty = _check_penalty(repetition_penalty)
         download: Path | None = None
         path = str(model_path)
         try:
@@ -130,10 +146,19 @@ class Generator:
         gc.temperature = None
         gc.top_p = None
         gc.top_k = None
+        # Greedy means greedy: the base model's own repetition penalty (Qwen2.5-VL-7B-Instruct ships
+        # 1.05) changes which token wins, and training never used it; only an explicit setting applies.
+        gc.repetition_penalty = self.repetition_penalty or 1.0
+        gc.no_repeat_ngram_size = 0
         gc.max_new_tokens = self.max_new_tokens
         if gc.pad_token_id is None:
             gc.pad_token_id = self.processor.tokenizer.pad_token_id
         return gc
+
+    @property
+    def generation_settings(self) -> dict[str, Any]:
+        """What decoding used, recorded in every report (``report.json`` → ``provenance.generation``)."""
+        return generation_settings(self.max_new_tokens, self.repetition_penalty, self.seed)
 
     def load_image(self, data: bytes, name: str) -> Image.Image:
         """Image bytes → the model's input image, through the model's image policy."""
@@ -244,6 +269,7 @@ class InferConfig:
     max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
     progress: bool = True
     attn_implementation: str | None = None
+    repetition_penalty: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("image_path", "image_list", "parquet_file", "jsonl_file", "dataset_path", "output_file",
@@ -273,6 +299,7 @@ class InferConfig:
             raise RiskvaError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.max_new_tokens < 1:
             raise RiskvaError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check_penalty(self.repetition_penalty)
         ImagePolicy(max_decoded_pixels=self.max_decoded_pixels)  # validates the limit before any model loads
         if self.output_file is None and self.report_dir is not None:
             self.output_file = self.report_dir / "predictions.json"
@@ -355,14 +382,16 @@ def infer(cfg: InferConfig, generator: Generator | None = None) -> list[dict[str
     if generator is None:
         generator = Generator(cfg.model_path, cfg.adapter_path, cfg.max_new_tokens, cfg.dtype, cfg.device, cfg.seed,
                               max_decoded_pixels=cfg.max_decoded_pixels,
-                              attn_implementation=cfg.attn_implementation)
+                              attn_implementation=cfg.attn_implementation,
+                              repetition_penalty=cfg.repetition_penalty)
     records = run_items(generator, items, cfg.batch_size, cfg.compare_gt, cfg.progress)
     if cfg.output_file is not None:
         write_json(cfg.output_file, records)
     if cfg.report_dir is not None:
         from riskva_core.evaluate.report import evaluate
 
-        evaluate(records, cfg.report_dir, image_root=getattr(cfg, cfg.source))
+        evaluate(records, cfg.report_dir, image_root=getattr(cfg, cfg.source),
+                 provenance={"generation": generator.generation_settings})
     return records
 
 
@@ -415,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images per generation batch (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--repetition_penalty", type=float, default=None,
+                   help="repetition penalty for decoding (default: none, i.e. 1.0, whatever the base model's "
+                   "generation_config says: training never used one)")
     p.add_argument("--torch_dtype", "--dtype", dest="dtype", default=None,
                    help="auto | bfloat16 | float32 (default auto: bf16 on a bf16-capable GPU, float32 on CPU); "
                    "float16 is refused (Qwen2.5-VL overflows in it)")
