@@ -40,9 +40,9 @@ def _file_hashes(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def dataset(make_raw_dataset):
-    """24 valid rows (sources 96x72, bigger than the 64x64 box) plus one rejected row."""
+    """24 valid rows (sources 120x90, bigger than the 64x64 box) plus one rejected row; every split gets rows."""
     rows = [row(i, 位置信息=f"{i}号楼") for i in range(24)] + [row(99, level="较严重")]
-    return make_raw_dataset(rows, image_size=(96, 72))
+    return make_raw_dataset(rows, image_size=(120, 90))
 
 
 # --------------------------------------------------------------------------- config
