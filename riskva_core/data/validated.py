@@ -49,6 +49,11 @@ def save(result: ValidationResult, folder: str | Path, max_pixels: int, spec: En
     }
     path = Path(folder) / RECORDS_JSON
     atomic.write_json(path, payload)
+    if Path(spec.out_dir).resolve() == encoded_dir(folder).resolve():  # JPEGs of an earlier CSV: not needed
+        used = {r.image.encoded_name for r in result.records}
+        for f in encoded_dir(folder).iterdir():
+            if f.name not in used:
+                f.unlink()
     return path
 
 

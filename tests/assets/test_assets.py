@@ -40,12 +40,15 @@ def test_data_assets_materialize_with_metadata_and_check(home: Path):
         assert raw.metadata["dagster/row_count"].value == 24 and raw.metadata["rows_rejected"].value == 0
         assert "严重" in raw.metadata["level_distribution"].value
         assert raw.metadata["dagster/column_schema"].value.columns[1].name == "image_path"
-        (check,) = result.get_asset_check_evaluations()
-        assert check.check_name == "schema_valid" and check.passed
+        checks = {(c.asset_key.path[-1], c.check_name): c.passed for c in result.get_asset_check_evaluations()}
+        assert checks == {("raw_metadata", "schema_valid"): True, ("sft_jsonl", "no_near_duplicate_leak"): True,
+                          ("sft_parquet", "no_near_duplicate_leak"): True}
         for key, fmt in (("sft_jsonl", "jsonl"), ("sft_parquet", "parquet")):
             (mat,) = result.asset_materializations_for_node(key)
             sizes = mat.metadata["split_sizes"].value
             assert sum(sizes.values()) == 24 and sizes["test"] > 0
+            groups = mat.metadata["split_groups"].value  # photos of one defect: one group, one split
+            assert 0 < groups["test"] <= sizes["test"] and sum(groups.values()) <= 24
             assert mat.metadata["path"].value == str(home / "prepared" / VERSION / fmt)
             assert len(mat.metadata["preview"].value.records) == 5
             assert mat.tags["dagster/data_version"] == mat.metadata["fingerprint"].value[:16]
@@ -107,7 +110,7 @@ def test_whole_graph_with_tiny_model_two_ranks(home: Path):
         done = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
         assert sorted(done) == sorted(a.key.to_user_string() for a in ALL_ASSETS)  # each exactly once
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-        assert set(checks) == {"schema_valid", "merge_equivalent", "meets_thresholds"}
+        assert set(checks) == {"schema_valid", "no_near_duplicate_leak", "merge_equivalent", "meets_thresholds"}
         assert checks["merge_equivalent"].passed and "tolerance" in checks["merge_equivalent"].description
         assert "thresholds" in checks["meets_thresholds"].metadata
         # Pipes: rank 0's final report is the one materialization, with the world size it saw.

@@ -130,3 +130,27 @@ def test_ungrouped_photos_split_exactly_as_before():
     shas = [f"{i:064x}" for i in range(300)]
     plan = G.plan_splits(shas, [None] * 300, 0.1, 0.1, seed=42)
     assert plan.splits == assign_splits(["轻微"] * 300, shas, 0.1, 0.1, seed=42)
+
+
+def test_prepare_reuses_the_validation_of_this_data_version_without_decoding(bursts, tmp_path, monkeypatch):
+    from riskva_core.data import images, validated
+    from riskva_core.data.validate import validate
+
+    folder = tmp_path / "validation"
+    spec = images.EncodeSpec((128, 128), 85, str(validated.encoded_dir(folder)))
+    validated.encoded_dir(folder).mkdir(parents=True)
+    result = validate(bursts.csv_path, bursts.root, output_dir=folder, num_workers=1, encode=spec)
+    validated.save(result, folder, images.DEFAULT_MAX_IMAGE_PIXELS, spec)
+    fresh = prepare(_cfg(bursts, tmp_path / "fresh"))
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("an image was decoded again")
+
+    monkeypatch.setattr("riskva_core.data.validate.inspect_image", no_decode)
+    reused = prepare(_cfg(bursts, tmp_path / "reused", validated_dir=str(folder)))
+    assert reused == fresh  # same split, groups, byte-identical Parquet files (their hashes are in it)
+    js = prepare(_cfg(bursts, tmp_path / "js", format="jsonl", validated_dir=str(folder)))
+    assert js["counts"] == fresh["counts"] and len(list((tmp_path / "js" / "images").iterdir())) == sum(js["counts"].values())
+    # Other image settings than the saved validation's: validated again (and here, refused to decode).
+    with pytest.raises(AssertionError, match="decoded again"):
+        prepare(_cfg(bursts, tmp_path / "other", format="jsonl", validated_dir=str(folder), image_quality=70))
