@@ -199,7 +199,7 @@ def test_registry_round_trip_promote_reject_rollback(registry_with_versions: Reg
     d3 = promotion.decide(_report(0.99, 0.1), cmp3, champion_version="2")
     assert promotion.apply_decision(reg, "3", d3) == {"challenger": "3", "champion": "2", "previous_champion": "1"}
     tags3 = reg.get_version("3").tags
-    assert tags3["promotion.decision"] == "rejected" and "not shown non-inferior" in tags3["promotion.reason"]
+    assert tags3["promotion.decision"] == "rejected" and "measured worse than champion v2" in tags3["promotion.reason"]
     assert json.loads(tags3["promotion.thresholds"])["margin"] == 0.02
     # Rollback to the previous champion; then manual promotion of v3 with a reason.
     assert promotion.rollback(reg, "v2 misgrades site photos") == {
@@ -213,3 +213,24 @@ def test_registry_round_trip_promote_reject_rollback(registry_with_versions: Reg
         promotion.rollback(reg, "again", version="3")
     with pytest.raises(RiskvaError, match="no version"):
         promotion.promote(reg, "99", "typo")
+
+
+def test_planted_stale_evidence_is_refused(tmp_path):
+    from riskva_core.registry import evidence
+
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"splits": {"test": {"sha256": "c" * 64}}}), encoding="utf-8")
+    current = evidence.test_split_sha256(tmp_path)
+    preds = evidence.stamp(_records(30, 30), "7", current)
+    report = {"provenance": {"model_version": "7", "test_split_sha256": current}}
+    evidence.require(preds, report, "7", current)  # the evidence for v7 on today's split: accepted
+    with pytest.raises(RiskvaError, match=r"stale evidence: predictions are for model version\(s\) 6, not v7"):
+        evidence.require(evidence.stamp(preds, "6", current), report, "7", current)
+    old_split = evidence.stamp(preds, "7", "a" * 64)
+    with pytest.raises(RiskvaError, match="scored on test split\\(s\\) aaaaaaaaaaaa, not the current test split cccc"):
+        evidence.require(old_split, report, "7", current)
+    assert evidence.problems(preds, {"provenance": {"model_version": "6", "test_split_sha256": current}}, "7",
+                             current) == ["report is for model version 6, not v7"]
+    unstamped = _records(30, 30)  # written before evaluation recorded what it scored
+    assert len(evidence.problems(unstamped, {}, "7", current)) == 4
+    with pytest.raises(RiskvaError, match="no test split hash"):
+        evidence.test_split_sha256(tmp_path / "missing")
