@@ -36,6 +36,7 @@ from riskva_core.atomic import write_json
 from riskva_core.data.conversation import PromptTemplate
 from riskva_core.data.image_policy import DEFAULT_MAX_DECODED_PIXELS, ImagePolicy
 from riskva_core.errors import RiskvaError
+from riskva_core.evaluate.generation import check_penalty, generation_settings, greedy_config
 from riskva_core.evaluate.parse import parse_answer
 from riskva_core.model.resolve import MLFLOW_SCHEMES, adapter_base, download_mlflow_model, resolve_model_ref
 from riskva_core.schema import FIELDS
@@ -53,20 +54,6 @@ def load_prompt_template(*folders: str | Path | None) -> PromptTemplate:
         if folder is not None and (Path(folder) / PROMPT_TEMPLATE_FILE).is_file():
             return PromptTemplate.load(Path(folder) / PROMPT_TEMPLATE_FILE)
     return PromptTemplate()
-
-
-def _check_penalty(value: float | None) -> float | None:
-    if value is not None and not value > 0:
-        raise RiskvaError(f"--repetition_penalty must be > 0, got {value}")
-    return None if value is None else float(value)
-
-
-def generation_settings(max_new_tokens: int, repetition_penalty: float | None, seed: int) -> dict[str, Any]:
-    """The decoding settings ``Generator`` applies (greedy, one beam), as recorded in reports."""
-    return {"do_sample": False, "num_beams": 1, "max_new_tokens": int(max_new_tokens),
-            "repetition_penalty": float(repetition_penalty or 1.0),
-            "repetition_penalty_source": "set" if repetition_penalty is not None else "default (none)",
-            "seed": int(seed)}
 
 
 class Generator:
@@ -97,7 +84,7 @@ class Generator:
             raise RiskvaError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
         self.max_new_tokens = int(max_new_tokens)
         self.seed = int(seed)
-        self.repetition_penalty = _check_penalty(repetition_penalty)
+        self.repetition_penalty = check_penalty(repetition_penalty)
         download: Path | None = None
         path = str(model_path)
         try:
@@ -136,24 +123,8 @@ class Generator:
         self.generation_config = self._generation_config()
 
     def _generation_config(self):
-        import copy
-
-        gc = copy.deepcopy(self.model.generation_config)
-        # Greedy: drop the sampling knobs a released config may carry (Qwen ships top_k/top_p),
-        # so generate() neither samples nor warns about unused settings.
-        gc.do_sample = False
-        gc.num_beams = 1
-        gc.temperature = None
-        gc.top_p = None
-        gc.top_k = None
-        # Greedy means greedy: the base model's own repetition penalty (Qwen2.5-VL-7B-Instruct ships
-        # 1.05) changes which token wins, and training never used it; only an explicit setting applies.
-        gc.repetition_penalty = self.repetition_penalty or 1.0
-        gc.no_repeat_ngram_size = 0
-        gc.max_new_tokens = self.max_new_tokens
-        if gc.pad_token_id is None:
-            gc.pad_token_id = self.processor.tokenizer.pad_token_id
-        return gc
+        return greedy_config(self.model.generation_config, self.max_new_tokens, self.repetition_penalty,
+                             self.processor.tokenizer.pad_token_id)
 
     @property
     def generation_settings(self) -> dict[str, Any]:
@@ -299,7 +270,7 @@ class InferConfig:
             raise RiskvaError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.max_new_tokens < 1:
             raise RiskvaError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _check_penalty(self.repetition_penalty)
+        check_penalty(self.repetition_penalty)
         ImagePolicy(max_decoded_pixels=self.max_decoded_pixels)  # validates the limit before any model loads
         if self.output_file is None and self.report_dir is not None:
             self.output_file = self.report_dir / "predictions.json"
