@@ -30,8 +30,10 @@ Neighbour search (``near_pairs``) is multi-index hashing: with ``radius + 1`` di
 chunks, two hashes within ``radius`` bits agree exactly on at least one chunk (pigeonhole),
 so only photos sharing a chunk value are compared, in vectorised numpy blocks. For n photos
 with well-spread hashes the work is about ``(radius+1) * n^2 / 2^(64/(radius+1)) / 2`` popcounts:
-at 100k photos and radius 10, ~1e9 XOR+popcounts, ~4 s on one core (benchmarks/bench_prepare.py
---neighbours prints the measured time); memory stays O(n + block^2).
+at 100k photos and radius 10, ~1e9 XOR+popcounts, measured 9 s on one core of a shared 2-core
+machine (100k random 64-bit hashes; prepare itself needs hours of decoding for 100k photos);
+memory stays O(n + block^2). Identical hashes are linked directly, so bursts of identical
+frames do not make one giant bucket.
 """
 from __future__ import annotations
 
