@@ -154,3 +154,16 @@ def test_level_followed_or_preceded_by_punctuation_scores_as_that_level(line, ca
 def test_level_with_punctuation_in_json_answers_too():
     r = parse_answer('{"风险": "A", "风险等级": "中等。", "纠正和预防建议": "C", "缺陷描述": "D"}')
     assert r.parsed["风险等级"] == "中等" and r.parse_ok
+
+
+def test_evaluate_scores_answers_ending_their_level_in_a_full_stop_as_that_level(tmp_path):
+    """The issue's measurement: 12 answers, the other three fields right, level ending in 。 → accuracy 1.0."""
+    from riskva_core.evaluate.report import evaluate
+
+    levels = ["轻微", "中等", "严重"] * 4
+    records = [{"id": f"s{i}", "raw_output": f"**风险描述**: A{i}\n**风险等级**: {lvl}。\n**纠正和预防建议**: C{i}\n"
+                                               f"**缺陷描述**: D{i}",
+                "ground_truth": {"风险": f"A{i}", "风险等级": lvl, "纠正和预防建议": f"C{i}", "缺陷描述": f"D{i}"}}
+               for i, lvl in enumerate(levels)]
+    report = evaluate(records, tmp_path / "R", n_resamples=100)
+    assert report["risk_level"]["accuracy"] == 1.0 and report["parse_rate"] == 1.0
