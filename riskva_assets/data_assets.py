@@ -1,6 +1,7 @@
 """Data assets: the validated raw CSV and the prepared SFT datasets (JSONL, Parquet)."""
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at runtime.
 
+import json
 import os
 from collections import Counter
 from typing import Any, Optional
@@ -13,12 +14,18 @@ from riskva_core.schema import FIELD_LEVEL, FIELDS, LEVELS
 
 from . import lineage
 from .asset_metadata import CODE_VERSIONS, DATA, PREVIEW_ROWS, md_cell, md_table
-from .partitions import dataset_version
+from .partitions import DATASET_VERSION, dataset_version
 from .resources import DataRootResource
 
 
 class RawMetadataConfig(dg.Config):
     max_reject_ratio: float = Field(default=0.1, description="schema_valid fails above this rejected-row fraction")
+
+
+# Validation encodes with the prepared assets' default image settings, so sft_jsonl/sft_parquet reuse its
+# records, hashes and JPEGs (riskva_core/data/validated.py) and decode nothing; other settings re-validate.
+DEFAULT_IMAGE_QUALITY = 85
+DEFAULT_MAX_IMAGE_SIDE = 1024
 
 
 RAW_COLUMN_SCHEMA = dg.TableSchema(
@@ -50,14 +57,20 @@ RAW_COLUMN_SCHEMA = dg.TableSchema(
 def raw_metadata(
     context: dg.AssetExecutionContext, config: RawMetadataConfig, paths: DataRootResource
 ) -> dg.MaterializeResult:
+    from riskva_core.data import validated
+    from riskva_core.data.images import DEFAULT_MAX_IMAGE_PIXELS, EncodeSpec
     from riskva_core.data.validate import validate
 
     root = paths.layout()
     version = context.partition_key
     csv = root.dataset_csv(version)
     out_dir = root.validation_dir(version)
+    encoded = validated.encoded_dir(out_dir)
+    encoded.mkdir(parents=True, exist_ok=True)
+    spec = EncodeSpec((DEFAULT_MAX_IMAGE_SIDE,) * 2, DEFAULT_IMAGE_QUALITY, str(encoded))
     try:
-        result = validate(csv, root.dataset_dir(version), output_dir=out_dir, max_reject_ratio=config.max_reject_ratio)
+        result = validate(csv, root.dataset_dir(version), output_dir=out_dir, max_reject_ratio=config.max_reject_ratio,
+                          encode=spec)
     except RiskvaError as exc:
         # Unusable input (no file, missing columns): record why on the check; nothing downstream runs.
         return dg.MaterializeResult(
@@ -68,6 +81,7 @@ def raw_metadata(
                                     metadata={"error": str(exc)})
             ],
         )
+    validated.save(result, out_dir, DEFAULT_MAX_IMAGE_PIXELS, spec)
     report = result.report
     levels = Counter(r.fields[FIELD_LEVEL] for r in result.records)
     rejected_rows = [[r["row"], r["image_path"], "; ".join(r["reasons"])] for r in report["rejected"][:50]]
@@ -118,6 +132,10 @@ class PrepareAssetConfig(dg.Config):
     image_quality: int = Field(default=85, description="JPEG quality of the normalised images")
     max_image_side: int = Field(default=1024, description="images are fit within this square, never upscaled")
     max_reject_ratio: float = Field(default=0.1, description="same limit as raw_metadata's schema_valid")
+    near_duplicate_radius: int = Field(default=10, description="photos whose perceptual hashes differ in at most "
+                                       "this many of 64 bits are one group, kept in one split (0: identical only)")
+    group_column: Optional[str] = Field(default=None, description="CSV column whose equal values form one group too "
+                                        "(e.g. a site or inspection id)")
     prompt_config: Optional[str] = Field(
         default=None,
         description="prompt/answer template JSON (riskva prepare --prompt_config); default: $RISKVA_PROMPT_CONFIG, "
@@ -130,16 +148,33 @@ def _prepare(context: dg.AssetExecutionContext, config: PrepareAssetConfig, path
     from riskva_core.data.prepare import PrepareConfig, prepare
     from riskva_core.data.samples import read_samples
 
+    from riskva_core.data.groups import split_leaks
+
     root = paths.layout()
     version = context.partition_key
     out = root.prepared_dir(version, fmt)
+    # Earlier versions (in the order they were added) keep their photos' splits: no photo ever moves.
+    versions = context.instance.get_dynamic_partitions(DATASET_VERSION)
+    earlier = versions[:versions.index(version)] if version in versions else []
+    history = [str(root.prepared_dir(v, fmt)) for v in earlier if (root.prepared_dir(v, fmt) / "split.json").is_file()]
     info = prepare(PrepareConfig(
         csv_path=str(root.dataset_csv(version)), image_base_path=str(root.dataset_dir(version)),
         output_path=str(out), format=fmt, image_quality=config.image_quality,
         max_image_size=(config.max_image_side, config.max_image_side), val_ratio=config.val_ratio,
         test_ratio=config.test_ratio, seed=config.seed, max_reject_ratio=config.max_reject_ratio,
         prompt_config=config.prompt_config or os.environ.get("RISKVA_PROMPT_CONFIG") or None,
+        near_duplicate_radius=config.near_duplicate_radius, group_column=config.group_column,
+        previous_split=tuple(history), validated_dir=str(root.validation_dir(version)),
     ))
+    split = json.loads((out / "split.json").read_text(encoding="utf-8"))
+    leaks = split_leaks(split["rows"], config.near_duplicate_radius)
+    check = dg.AssetCheckResult(
+        check_name="no_near_duplicate_leak", passed=not leaks, severity=dg.AssetCheckSeverity.ERROR,
+        description=(f"{len(leaks)}{'+' if len(leaks) >= 20 else ''} val/test photos lie within "
+                     f"{config.near_duplicate_radius} pHash bits of a train photo") if leaks
+        else f"no val/test photo within {config.near_duplicate_radius} pHash bits of a train photo",
+        metadata={"radius": config.near_duplicate_radius, "leaks": dg.MetadataValue.json(leaks)},
+    )
     preview = read_samples(out, "train")[:PREVIEW_ROWS]
     return dg.MaterializeResult(
         metadata={
@@ -151,6 +186,9 @@ def _prepare(context: dg.AssetExecutionContext, config: PrepareAssetConfig, path
             "split_levels": dg.MetadataValue.md(md_table(
                 ["split", *LEVELS], [[s, *[info["splits"][s]["levels"].get(lvl, 0) for lvl in LEVELS]]
                                      for s in info["counts"]])),
+            "split_groups": dg.MetadataValue.json(dict(info["groups"])),
+            "excluded_near_duplicates": dg.MetadataValue.json(split["excluded"][:50]),
+            "history_versions": dg.MetadataValue.json([v for v in earlier if str(root.prepared_dir(v, fmt)) in history]),
             "dagster/row_count": int(sum(info["counts"].values())),
             "bytes": lineage.folder_bytes(out),
             "fingerprint": info["fingerprint"],
@@ -165,6 +203,7 @@ def _prepare(context: dg.AssetExecutionContext, config: PrepareAssetConfig, path
             ),
         },
         data_version=dg.DataVersion(info["fingerprint"][:16]),
+        check_results=[check],
     )
 
 
@@ -179,15 +218,23 @@ _prepare_kwargs: dict[str, Any] = dict(
 )
 
 
+def _leak_check(asset: str) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec(
+        "no_near_duplicate_leak", asset=asset, blocking=True,
+        description="fails when a val/test photo lies within the near-duplicate radius (pHash bits) of a train "
+        "photo: its test score would partly measure memory")]
+
+
 @dg.asset(kinds={"json"}, description="Prepared SFT dataset as JSONL + normalised JPEGs "
-          "(riskva_core.data.prepare; layout in riskva_core/data/samples.py).", **_prepare_kwargs)
+          "(riskva_core.data.prepare; layout in riskva_core/data/samples.py).",
+          check_specs=_leak_check("sft_jsonl"), **_prepare_kwargs)
 def sft_jsonl(context: dg.AssetExecutionContext, config: PrepareAssetConfig,
               paths: DataRootResource) -> dg.MaterializeResult:
     return _prepare(context, config, paths, "jsonl")
 
 
 @dg.asset(kinds={"parquet"}, description="The same SFT samples as Parquet with image bytes in-column "
-          "(Hugging Face datasets Image layout).", **_prepare_kwargs)
+          "(Hugging Face datasets Image layout).", check_specs=_leak_check("sft_parquet"), **_prepare_kwargs)
 def sft_parquet(context: dg.AssetExecutionContext, config: PrepareAssetConfig,
                 paths: DataRootResource) -> dg.MaterializeResult:
     return _prepare(context, config, paths, "parquet")

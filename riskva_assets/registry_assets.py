@@ -9,10 +9,11 @@ import dagster as dg
 from pydantic import Field
 
 from riskva_core.registry import client as reg
+from riskva_core.registry import evidence
 from riskva_core.errors import RiskvaError
 
 from . import lineage
-from .asset_metadata import CODE_VERSIONS, REGISTRY, confusion_table, md_table, rounded, upstream_metadata
+from .asset_metadata import CODE_VERSIONS, REGISTRY, confusion_table, json_or_none, md_table, rounded, upstream_metadata
 from .model_assets import base_model_tags
 from .partitions import dataset_version
 from .resources import DataRootResource, MlflowResource, TrainingLauncher
@@ -38,6 +39,30 @@ class RegisterConfig(dg.Config):
     batch_size: int = Field(default=4, description="images per generate() batch in the served pyfunc")
     torch_dtype: str = Field(default="auto", description="dtype of every load of the version (model_config): auto "
                              "(a bf16 checkpoint stays bf16 on a CPU) | bfloat16 | float32")
+
+
+def stale_merge_problem(merged, adapter_dir) -> Optional[str]:
+    """Why ``merged`` must not be registered, or None: it must hold a merge report whose check passed
+    (model_assets.merge_verdict reads the report's verdict keys) for the adapter now in ``adapter_dir``.
+
+    A refused merge writes nothing, so the previous merge's folder stays: without this, the next
+    registration would log weights of an older adapter under the new lineage.
+    """
+    from .model_assets import merge_verdict
+
+    report = json_or_none(merged / "merge_report.json")
+    if report is None:
+        return f"{merged}: no merge_report.json, so no verified merge wrote this folder"
+    passed, detail = merge_verdict(report)
+    if not passed:
+        return f"{merged}: its merge check failed ({detail})"
+    weights = adapter_dir / "adapter_model.safetensors"
+    current = lineage.file_sha256(weights) if weights.is_file() else None
+    recorded = report.get("adapter_sha256")
+    if current is not None and recorded != current:
+        return (f"{merged} was merged from adapter {str(recorded)[:12]}, not from the current adapter {current[:12]} "
+                f"({weights}): the newest merge did not complete, so this folder is stale")
+    return None
 
 
 def find_registered(registry: reg.Registry, merged_sha: str) -> Optional[reg.RegisteredVersion]:
@@ -82,6 +107,9 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisterConfig, 
     version = context.partition_key
     registry = mlflow.registry()
     merged = root.merged_dir(version)
+    problem = stale_merge_problem(merged, root.train_dir(version) / "adapter")
+    if problem is not None:  # retrying cannot make the folder current: fail once, saying why
+        raise dg.Failure(description=f"registered_model refuses to register: {problem}", allow_retries=False)
     upstream = lineage.upstream_data_versions(context, ["raw_metadata", "sft_jsonl", "sft_parquet", "base_model",
                                                         "lora_adapter", "merged_model"])
     merged_sha = upstream.get("merged_model") or lineage.folder_hash(merged, ("*.safetensors", "*.json"))[:16]
@@ -149,6 +177,8 @@ class PromotionConfig(ThresholdsConfig):
     margin: float = Field(default=0.02, description="non-inferiority margin: on accuracy, severe recall and parse "
                           "rate the lower 95% bound of challenger − champion must be above −margin")
     n_resamples: int = Field(default=1000, description="bootstrap resamples")
+    min_samples: int = Field(default=100, description="a guarded metric over part of the split (severe recall) "
+                             "with fewer paired samples says so instead of blocking when it cannot tell")
     seed: int = Field(default=0, description="bootstrap seed")
 
 
@@ -183,12 +213,19 @@ def evaluation_report(context: dg.AssetExecutionContext, config: ThresholdsConfi
     model_version = _registered_version(context)
     registry.activate()
     out = root.reports_dir(version)
-    records = predict_split(registry.model_uri(model_version), root.prepared_dir(version, "parquet"), "test")
+    prepared = root.prepared_dir(version, "parquet")
+    split_sha = evidence.test_split_sha256(prepared)
+    generation: dict = {}
+    # Every record and the report say which version answered, on which test split: promotion checks it.
+    records = evidence.stamp(predict_split(registry.model_uri(model_version), prepared, "test", generation),
+                             model_version, split_sha)
     from riskva_core.atomic import write_text
 
     write_text(out / "predictions.jsonl",
                "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records))
-    report = evaluate(records, out / "report", image_root=root.prepared_dir(version, "parquet"))
+    report = evaluate(records, out / "report", image_root=prepared, provenance={
+        evidence.MODEL_VERSION: model_version, "model_uri": registry.model_uri(model_version),
+        "dataset_version": version, evidence.TEST_SPLIT_SHA: split_sha, "generation": generation})
     heads = {k: v for k, v in headline(report).items() if v is not None}
     registry.log_metrics(model_version, heads)
     registry.set_tags(model_version, {"eval.report": str(out / "report" / "report.html"), "eval.n": report["n"]})
@@ -209,6 +246,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: ThresholdsConfi
             "report_html": dg.MetadataValue.path(str(out / "report" / "report.html")),
             "report_json": dg.MetadataValue.path(str(out / "report" / "report.json")),
             "model_uri": registry.model_uri(model_version),
+            "test_split_sha256": split_sha,
+            "generation": dg.MetadataValue.json(generation),
             "n": int(report["n"]),
             **{k: rounded(float(v)) for k, v in heads.items()},
             **({"majority_baseline_accuracy": rounded(float(majority))} if majority is not None else {}),
@@ -228,10 +267,12 @@ def evaluation_report(context: dg.AssetExecutionContext, config: ThresholdsConfi
     pool="gpu",  # loads the model onto the accelerator: one such asset at a time
     deps=["evaluation_report"],
     description="Challenger vs champion on this version's test split (paired bootstrap), a non-inferiority "
-    "rule: the challenger becomes `champion` only if it meets the absolute thresholds and, on 风险等级 "
-    "accuracy, severe recall and parse rate, the lower end of the 95% interval of challenger − champion is "
-    "above −margin. Thresholds and margin are this asset's config; the decision, its reason and the "
-    "thresholds used are written to the version's tags.",
+    "rule with three outcomes (riskva_core.registry.promotion): promoted when it meets the absolute thresholds "
+    "and, on 风险等级 accuracy, severe recall and parse rate, the lower end of the 95% interval of challenger − "
+    "champion is above −margin; rejected when it misses a threshold or is measured worse; inconclusive (the "
+    "champion stays) when an interval straddles −margin, with the test photos or margin that would settle it. "
+    "Refuses predictions/reports that are not for this version and the current test split. The decision, "
+    "its reason and the thresholds used are written to the version's tags.",
 )
 def champion_promotion(context: dg.AssetExecutionContext, config: PromotionConfig, paths: DataRootResource,
                        mlflow: MlflowResource) -> dg.MaterializeResult:
@@ -244,13 +285,20 @@ def champion_promotion(context: dg.AssetExecutionContext, config: PromotionConfi
     registry.activate()
     challenger = _registered_version(context)
     out = root.reports_dir(version)
+    prepared = root.prepared_dir(version, "parquet")
     report = json.loads((out / "report" / "report.json").read_text(encoding="utf-8"))
     chal_preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    # Decide only on evidence for this challenger on the test split as it is now.
+    split_sha = evidence.test_split_sha256(prepared)
+    try:
+        evidence.require(chal_preds, report, challenger, split_sha)
+    except RiskvaError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
     thresholds = promotion.Thresholds(**config.model_dump())
     champion = registry.alias_version(reg.ALIAS_CHAMPION)
     comparisons = None
     if champion is not None and champion != challenger:
-        champ_preds = predict_split(registry.model_uri(champion), root.prepared_dir(version, "parquet"), "test")
+        champ_preds = evidence.stamp(predict_split(registry.model_uri(champion), prepared, "test"), champion, split_sha)
         from riskva_core.atomic import write_text
 
         write_text(out / f"champion_v{champion}_predictions.jsonl",
@@ -265,17 +313,18 @@ def champion_promotion(context: dg.AssetExecutionContext, config: PromotionConfi
         decision = promotion.decide(report, comparisons, thresholds, champion)
     aliases = promotion.apply_decision(registry, challenger, decision,
                                        {"dagster_run_id": context.run_id, "dataset_version": version})
-    rows = [[m, st.get("n"), rounded(st.get("delta")), rounded(st.get("ci95")), rounded(st.get("p_value"))]
-            for m, st in decision.comparisons.items()]
+    rows = [[m, st.get("n"), rounded(st.get("delta")), rounded(st.get("ci95")), st.get("outcome"),
+             rounded(st.get("min_margin")), st.get("photos_needed")] for m, st in decision.comparisons.items()]
     return dg.MaterializeResult(
         metadata={
-            "decision": "promoted" if decision.promote else "kept as challenger",
+            "decision": decision.outcome,
             "reason": decision.reason,
             "challenger_version": challenger,
             "champion_before": champion or "none",
             "thresholds": dg.MetadataValue.json(decision.thresholds),
             "aliases": dg.MetadataValue.json(aliases),
-            "comparison": dg.MetadataValue.md(md_table(["metric", "n", "Δ", "95% CI", "p"], rows))
+            "comparison": dg.MetadataValue.md(md_table(
+                ["metric", "n", "Δ", "95% CI", "outcome", "smallest margin shown", "test photos needed"], rows))
             if rows else "no champion to compare with",
             "mlflow_url": dg.MetadataValue.url(registry.version_url(challenger)),
         },

@@ -8,8 +8,12 @@ lineage of the serving champion (its MLflow version tags, written by registered_
 - the base model (RISKVA_BASE_MODEL, or the demo model).
 
 If all three equal the champion's, retraining would reproduce the champion: it returns a
-SkipReason that says so. Otherwise it requests retrain_job and names what changed in the run's
-tags. With no champion, or data not yet validated, it retrains.
+SkipReason that says so. The same holds for the last *attempted* challenger (the newest model
+version with a promotion decision, promoted or not): a challenger that was rejected or left
+inconclusive would be retrained, merged, registered and evaluated again with the same inputs
+every week, so the schedule skips and names that version and its decision. Otherwise it
+requests retrain_job and names what changed in the run's tags. With no champion, or data not
+yet validated, it retrains.
 """
 # No `from __future__ import annotations`: dagster reads the context annotations at runtime.
 
@@ -55,6 +59,16 @@ def lineage_changes(current: dict[str, Optional[str]], champion_tags: dict[str, 
     return changes
 
 
+def last_attempted(registry) -> Optional[tuple[str, dict[str, str]]]:
+    """(version, tags) of the newest model version that went through promotion (any decision), if any."""
+    versions = registry.client().search_model_versions(f"name='{registry.model_name}'")
+    attempted = [v for v in versions if (v.tags or {}).get("promotion.decision")]
+    if not attempted:
+        return None
+    newest = max(attempted, key=lambda v: int(v.version))
+    return str(newest.version), dict(newest.tags or {})
+
+
 @dg.schedule(
     job=retrain_job,
     cron_schedule=CRON,
@@ -78,6 +92,7 @@ def weekly_retrain(context: dg.ScheduleEvaluationContext, paths: DataRootResourc
         "code_version.lora_adapter": CODE_VERSIONS["lora_adapter"],
         "base_model": launcher.base_model_path or "demo",
     }
+    inputs = ", ".join(f"{k}={v}" for k, v in current.items())
     if champion is None:
         changes = ["no champion yet"]
     else:
@@ -85,7 +100,15 @@ def weekly_retrain(context: dg.ScheduleEvaluationContext, paths: DataRootResourc
         if not changes:
             return dg.SkipReason(
                 f"newest dataset version {version} has the champion v{champion}'s data version, training code "
-                f"version and base model ({', '.join(f'{k}={v}' for k, v in current.items())}): nothing to retrain")
+                f"version and base model ({inputs}): nothing to retrain")
+    attempt = last_attempted(registry)
+    if attempt is not None and not lineage_changes(current, attempt[1]):
+        number, tags = attempt
+        return dg.SkipReason(
+            f"newest dataset version {version} has the lineage of v{number}, the last attempted challenger "
+            f"(decision: {tags.get('promotion.decision')}: {tags.get('promotion.reason', '')[:300]}), "
+            f"({inputs}): retraining would reproduce it; change the data, training code or base model, or "
+            "promote it by hand")
     stamp = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "manual"
     return dg.RunRequest(partition_key=version, run_key=f"retrain-{version}-{stamp}",
                          tags={"riskva/trigger": "schedule", "riskva/retrain_because": "; ".join(changes)[:1000]})

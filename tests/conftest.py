@@ -55,7 +55,11 @@ def textured_image(index: int, size: tuple[int, int] = (64, 48), mode: str = "RG
     base = rng.uniform(40, 200, size=3)
     # Channels share one luminance pattern (like a photo): JPEG's chroma subsampling keeps it.
     wave = np.sin((xx + yy * (index % 5 + 1)) / (6.0 + index % 4)) + 0.5 * np.cos(yy / 11.0 + index)
-    arr = np.stack([base[c] + 35 * wave for c in range(3)], axis=-1)
+    # A seeded smooth 8x8 field: different indices differ in structure, not only in tint, so they are
+    # also different photos to a perceptual hash (data/groups.py: ~30 of 64 pHash bits apart, min 14).
+    coarse = Image.fromarray(rng.uniform(0, 255, size=(8, 8)).astype(np.uint8), "L").resize((w, h), Image.Resampling.BICUBIC)
+    blob = (np.asarray(coarse, np.float32) - 128) / 128
+    arr = np.stack([base[c] + 20 * wave + 45 * blob for c in range(3)], axis=-1)
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     return img if mode == "RGB" else img.convert(mode)
 

@@ -8,7 +8,11 @@ decoded twice, and JPEG draft mode lets libjpeg decode it at 1/2, 1/4 or 1/8 sca
 Decisions worth knowing:
 - Content hash (``ImageReport.sha256``) is the sha256 of the *file bytes*. It is cheap,
   independent of decode settings, and catches the common case: the same photo copied
-  under two names. Re-encoded copies are not caught (that would need perceptual hashing).
+  under two names. Re-encoded, resized or cropped copies are caught by the perceptual hash
+  (``ImageReport.phash``, data/groups.py), computed from the same decode: it adds no decode.
+- Phone JPEGs with a second picture inside (the MPF extension: depth maps, previews) open
+  in Pillow as format ``MPO``; they are JPEGs and are accepted everywhere, the first frame
+  (the photo itself) is used.
 - A file whose extension disagrees with its content (``a.png`` holding a JPEG) is accepted
   when the content is an allowed format and decodes fully; a warning is recorded.
 - Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) stays on; our
@@ -29,8 +33,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from riskva_core import atomic
+from riskva_core.data.groups import perceptual_hash
 
-ALLOWED_FORMATS: tuple[str, ...] = ("BMP", "JPEG", "PNG", "TIFF", "WEBP")
+ALLOWED_FORMATS: tuple[str, ...] = ("BMP", "JPEG", "MPO", "PNG", "TIFF", "WEBP")
+# Formats libjpeg decodes: draft-mode scaling applies and a ``.jpg`` name matches them.
+JPEG_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO"})
 EXTENSION_FORMATS: dict[str, str] = {
     ".jpg": "JPEG",
     ".jpeg": "JPEG",
@@ -48,6 +55,9 @@ MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's smart_resize refuses anything more elonga
 # uses, and ~1.5x faster than Lanczos on the 2016x1512 -> 1024x768 step of a phone photo.
 RESAMPLE = Image.Resampling.BICUBIC
 WHITE = (255, 255, 255)
+# Validation without encoding still decodes every pixel (truncation is caught) but fits the
+# picture within prepare's default box for the perceptual hash: the same hash as prepare's.
+HASH_BOX = (1024, 1024)
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
@@ -106,6 +116,7 @@ class ImageReport:
     encoded_name: str | None = None  # "<sha256[:16]>.jpg" in EncodeSpec.out_dir
     encoded_sha256: str | None = None
     encoded_size: tuple[int, int] | None = None
+    phash: str | None = None  # perceptual hash (data/groups.py) of the decoded image
 
     @property
     def ok(self) -> bool:
@@ -155,7 +166,7 @@ def decode_fitted(img: Image.Image, max_size: tuple[int, int] | None) -> Image.I
     orient = orientation(img)
     size = _oriented(img.size, orient)
     target = fit_size(size, max_size) if max_size is not None else size
-    if img.format == "JPEG" and target != size:
+    if img.format in JPEG_FORMATS and target != size:
         # libjpeg's DCT scaling: decode at the smallest 1/2^k scale still >= target.
         img.draft(img.mode, _oriented(target, orient))
     img.load()
@@ -249,11 +260,13 @@ def inspect_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, encode:
         if min(w, h) < MIN_IMAGE_SIDE:
             rep.warnings.append(f"image is only {w}x{h}; the model upsamples it to {MIN_IMAGE_SIDE} px")
         ext = p.suffix.lower()
-        if EXTENSION_FORMATS.get(ext) != img.format:
+        expected = EXTENSION_FORMATS.get(ext)
+        if expected != img.format and not (expected == "JPEG" and img.format in JPEG_FORMATS):
             rep.warnings.append(f"extension '{ext or '(none)'}' does not match its {img.format} content; accepted")
         rep.size = _oriented((w, h), orientation(img))
         try:
-            rgb = decode_fitted(img, encode.max_size if encode else None)
+            rgb = decode_fitted(img, encode.max_size if encode else HASH_BOX)
+            rep.phash = perceptual_hash(rgb)
         except Image.DecompressionBombError:
             rep.reasons.append("image exceeds Pillow's decompression-bomb limit")
             return rep

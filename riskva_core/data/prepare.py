@@ -27,8 +27,10 @@ from riskva_core.errors import RiskvaError
 from riskva_core.data.images import DEFAULT_MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, EncodeSpec
 from riskva_core.data.samples import FORMATS, SCHEMA_VERSION, SPLITS
 from riskva_core.schema import FIELD_LEVEL, FIELDS, LEVELS
-from riskva_core.data.split import assign_splits
-from riskva_core.data.validate import EXIT_TOO_MANY_REJECTS, ValidRecord, add_validation_args, failure_message, summary_lines, validate
+from riskva_core.data import validated as validated_store
+from riskva_core.data.groups import DEFAULT_RADIUS, MAX_RADIUS, load_history, plan_splits
+from riskva_core.data.validate import (EXIT_TOO_MANY_REJECTS, ValidRecord, add_validation_args, failure_message, summary_lines,
+                                      validate, write_reports)
 
 IMAGES_DIR = "images"
 SPLIT_JSON = "split.json"
@@ -52,6 +54,11 @@ class PrepareConfig:
     prompt_config: str | None = None
     num_workers: int | None = None
     row_group_size: int = 128
+    near_duplicate_radius: int = DEFAULT_RADIUS
+    group_column: str | None = None
+    previous_split: tuple[str, ...] = ()
+    # A validation folder (data/validated.py) to reuse instead of decoding again (Dagster's raw_metadata).
+    validated_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.csv_path, self.image_base_path, self.output_path = map(str, (self.csv_path, self.image_base_path, self.output_path))
@@ -76,12 +83,16 @@ class PrepareConfig:
             raise RiskvaError(f"--num_workers must be at least 1, got {self.num_workers}")
         if self.row_group_size < 1:
             raise RiskvaError(f"--row_group_size must be at least 1, got {self.row_group_size}")
+        if not 0 <= self.near_duplicate_radius <= MAX_RADIUS:
+            raise RiskvaError(f"--near_duplicate_radius must be within 0..{MAX_RADIUS} bits, got {self.near_duplicate_radius}")
+        self.previous_split = tuple(str(p) for p in self.previous_split)
 
     def recorded(self) -> dict[str, Any]:
         """The settings that determine the output (not where it goes, not how many workers)."""
         d = dataclasses.asdict(self)
-        for key in ("output_path", "num_workers"):
+        for key in ("output_path", "num_workers", "validated_dir"):
             d.pop(key)
+        d["previous_split"] = list(self.previous_split)
         d["csv_path"] = str(Path(self.csv_path).resolve())
         d["image_base_path"] = str(Path(self.image_base_path).resolve())
         d["max_image_size"] = list(self.max_image_size)
@@ -204,16 +215,46 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]], staging: Path, metada
                 writer.write_table(table, row_group_size=row_group_size)
 
 
+def _grouped_by(cfg: PrepareConfig) -> str:
+    return ("image content sha256 + perceptual hash (pHash) within "
+            f"{cfg.near_duplicate_radius} bits" + (f" + CSV column {cfg.group_column}" if cfg.group_column else ""))
+
+
 def _level_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {lvl: sum(1 for r in rows if r[FIELD_LEVEL] == lvl) for lvl in LEVELS}
 
 
-def _write_dataset(cfg: PrepareConfig, tmp: Path, staging: Path, records: list[ValidRecord], report: dict[str, Any], template: PromptTemplate) -> dict[str, Any]:
-    splits = assign_splits([r.fields[FIELD_LEVEL] for r in records], [r.image_sha256 for r in records], cfg.val_ratio, cfg.test_ratio, cfg.seed)
+def _plan(cfg: PrepareConfig, records: list[ValidRecord], report: dict[str, Any]):
+    if cfg.group_column is not None and cfg.group_column not in report["extra_columns"]:
+        raise RiskvaError(f"--group_column {cfg.group_column}: no such column in the CSV "
+                          f"(extra columns: {', '.join(report['extra_columns']) or 'none'})")
+    return plan_splits(
+        [r.image_sha256 for r in records], [r.image.phash for r in records], cfg.val_ratio, cfg.test_ratio, cfg.seed,
+        radius=cfg.near_duplicate_radius,
+        group_keys=[r.extra.get(cfg.group_column) for r in records] if cfg.group_column else None,
+        history=load_history(cfg.previous_split) if cfg.previous_split else None,
+    )
+
+
+def _write_dataset(cfg: PrepareConfig, tmp: Path, staging: Path, records: list[ValidRecord], report: dict[str, Any],
+                   template: PromptTemplate, image_dir: Path | None = None) -> dict[str, Any]:
+    """``image_dir``: where the encoded JPEGs are (default ``staging``: this run's own encoding)."""
+    image_dir = image_dir or staging
+    plan = _plan(cfg, records, report)
+    kept = [i for i, s in enumerate(plan.splits) if s is not None]
+    excluded = [{"row": records[i].row, "image_path": records[i].image_path, "reason": reason}
+                for i, reason in sorted(plan.excluded.items())]
+    records = [records[i] for i in kept]
+    splits = [plan.splits[i] for i in kept]
+    groups = [plan.groups[i] for i in kept]
     rows = _rows(records, template)
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     for row, split in zip(rows, splits):
         by_split[split].append(row)
+    if cfg.format == "jsonl" and image_dir != staging:
+        for row in rows:
+            if not (staging / row["image"]).exists():
+                shutil.copyfile(image_dir / row["image"], staging / row["image"])
 
     metadata = {
         f"{PARQUET_META_PREFIX}schema_version": str(SCHEMA_VERSION),
@@ -228,7 +269,7 @@ def _write_dataset(cfg: PrepareConfig, tmp: Path, staging: Path, records: list[V
         if cfg.format == "jsonl":
             _write_jsonl(tmp / name, by_split[split], Path(cfg.output_path).resolve())
         else:
-            _write_parquet(tmp / name, by_split[split], staging, metadata, cfg.row_group_size)
+            _write_parquet(tmp / name, by_split[split], image_dir, metadata, cfg.row_group_size)
         files[name] = _sha256_file(tmp / name)
 
     if cfg.format == "jsonl":
@@ -246,11 +287,14 @@ def _write_dataset(cfg: PrepareConfig, tmp: Path, staging: Path, records: list[V
             "val_ratio": cfg.val_ratio,
             "test_ratio": cfg.test_ratio,
             "stratified_by": FIELD_LEVEL,
-            "grouped_by": "image content sha256",
+            "grouped_by": _grouped_by(cfg),
+            "near_duplicate_radius": cfg.near_duplicate_radius,
             "rows": [
-                {"row": rec.row, "image_id": rec.image_id, "image_path": rec.image_path, "id": row["id"], "split": split}
-                for rec, row, split in zip(records, rows, splits)
+                {"row": rec.row, "image_id": rec.image_id, "image_path": rec.image_path, "id": row["id"], "split": split,
+                 "image_sha256": rec.image_sha256, "phash": rec.image.phash, "group": group}
+                for rec, row, split, group in zip(records, rows, splits, groups)
             ],
+            "excluded": excluded,
             "rejected_rows": [r["row"] for r in report["rejected"]],
         },
     )
@@ -263,6 +307,9 @@ def _write_dataset(cfg: PrepareConfig, tmp: Path, staging: Path, records: list[V
             for s in SPLITS
         },
         "counts": {s: len(by_split[s]) for s in SPLITS},
+        "groups": plan.group_counts(),
+        "near_duplicates": {"radius": cfg.near_duplicate_radius, "grouped_by": _grouped_by(cfg),
+                            "multi_photo_groups": plan.multi_photo_groups(), "excluded_rows": len(excluded)},
         "rows_total": report["rows_total"],
         "rows_valid": report["rows_valid"],
         "rows_rejected": report["rows_rejected"],
@@ -289,17 +336,29 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     with atomic.atomic_dir(out) as tmp:
         staging = tmp / (IMAGES_DIR if cfg.format == "jsonl" else ".staging")
         staging.mkdir()
-        result = validate(
-            cfg.csv_path,
-            cfg.image_base_path,
-            output_dir=tmp,
-            max_reject_ratio=cfg.max_reject_ratio,
-            max_image_pixels=cfg.max_image_pixels,
-            num_workers=cfg.num_workers,
-            encode=EncodeSpec(cfg.max_image_size, cfg.image_quality, str(staging)),
-        )
+        spec = EncodeSpec(cfg.max_image_size, cfg.image_quality, str(staging))
+        result = None if cfg.validated_dir is None else validated_store.load(
+            cfg.validated_dir, cfg.csv_path, cfg.image_base_path, cfg.max_image_pixels, spec)
+        image_dir = None
+        if result is not None:  # validated once for this data version: nothing is decoded again
+            image_dir = validated_store.encoded_dir(cfg.validated_dir)
+            result.report["max_reject_ratio"] = cfg.max_reject_ratio
+            result.passed = bool(result.records) and result.report["reject_ratio"] <= cfg.max_reject_ratio
+            result.report["passed"] = result.passed
+            write_reports(result.report, tmp)
+            print(f"reusing the validation in {cfg.validated_dir} (same CSV, images and settings): no image decoded")
+        else:
+            result = validate(
+                cfg.csv_path,
+                cfg.image_base_path,
+                output_dir=tmp,
+                max_reject_ratio=cfg.max_reject_ratio,
+                max_image_pixels=cfg.max_image_pixels,
+                num_workers=cfg.num_workers,
+                encode=spec,
+            )
         if result.passed:
-            info = _write_dataset(cfg, tmp, staging, result.records, result.report, template)
+            info = _write_dataset(cfg, tmp, staging, result.records, result.report, template, image_dir)
         else:
             shutil.rmtree(staging)
     print("\n".join(summary_lines(result.report)))
@@ -323,6 +382,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
     parser.add_argument("--prompt_config", default=None, help="JSON with system_prompt / instruction / answer_template (default: built-in)")
     parser.add_argument("--row_group_size", type=int, default=128, help="Parquet rows per row group (default 128)")
+    parser.add_argument("--near_duplicate_radius", type=int, default=DEFAULT_RADIUS,
+                        help=f"photos whose perceptual hashes differ in at most this many of 64 bits are one group, "
+                        f"kept in one split (default {DEFAULT_RADIUS}; 0: identical pHash only)")
+    parser.add_argument("--group_column", default=None,
+                        help="CSV column whose equal non-empty values form one group too (e.g. a site or inspection id)")
+    parser.add_argument("--previous_split", action="append", default=[], metavar="PREPARED",
+                        help="an earlier version's prepared folder (or its split.json): its photos keep their split; "
+                        "repeatable, oldest first")
     parser.add_argument(
         "--preview",
         nargs="?",
@@ -354,9 +421,16 @@ def main(argv: list[str]) -> int:
         prompt_config=args.prompt_config,
         num_workers=args.num_workers,
         row_group_size=args.row_group_size,
+        near_duplicate_radius=args.near_duplicate_radius,
+        group_column=args.group_column,
+        previous_split=tuple(args.previous_split),
     )
     info = prepare(cfg)
-    print(f"wrote {cfg.format} dataset to {cfg.output_path}: " + ", ".join(f"{s} {n}" for s, n in info["counts"].items()))
+    print(f"wrote {cfg.format} dataset to {cfg.output_path}: " + ", ".join(
+        f"{s} {n} ({info['groups'][s]} groups)" for s, n in info["counts"].items()))
+    if info["near_duplicates"]["excluded_rows"]:
+        print(f"{info['near_duplicates']['excluded_rows']} photos kept out of every split (near-duplicates of photos "
+              f"already in different splits); see {Path(cfg.output_path) / SPLIT_JSON}")
     if args.preview is not None:
         print(preview_mod.preview(cfg.output_path))
     return 0

@@ -36,6 +36,7 @@ from riskva_core.atomic import write_json
 from riskva_core.data.conversation import PromptTemplate
 from riskva_core.data.image_policy import DEFAULT_MAX_DECODED_PIXELS, ImagePolicy
 from riskva_core.errors import RiskvaError
+from riskva_core.evaluate.generation import check_penalty, generation_settings, greedy_config
 from riskva_core.evaluate.parse import parse_answer
 from riskva_core.model.resolve import MLFLOW_SCHEMES, adapter_base, download_mlflow_model, resolve_model_ref
 from riskva_core.schema import FIELDS
@@ -73,6 +74,7 @@ class Generator:
         prompt_template: PromptTemplate | None = None,
         max_decoded_pixels: int | None = None,
         attn_implementation: str | None = None,
+        repetition_penalty: float | None = None,
     ):
         import torch
 
@@ -82,6 +84,7 @@ class Generator:
             raise RiskvaError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
         self.max_new_tokens = int(max_new_tokens)
         self.seed = int(seed)
+        self.repetition_penalty = check_penalty(repetition_penalty)
         download: Path | None = None
         path = str(model_path)
         try:
@@ -122,20 +125,13 @@ class Generator:
         self.generation_config = self._generation_config()
 
     def _generation_config(self):
-        import copy
+        return greedy_config(self.model.generation_config, self.max_new_tokens, self.repetition_penalty,
+                             self.processor.tokenizer.pad_token_id)
 
-        gc = copy.deepcopy(self.model.generation_config)
-        # Greedy: drop the sampling knobs a released config may carry (Qwen ships top_k/top_p),
-        # so generate() neither samples nor warns about unused settings.
-        gc.do_sample = False
-        gc.num_beams = 1
-        gc.temperature = None
-        gc.top_p = None
-        gc.top_k = None
-        gc.max_new_tokens = self.max_new_tokens
-        if gc.pad_token_id is None:
-            gc.pad_token_id = self.processor.tokenizer.pad_token_id
-        return gc
+    @property
+    def generation_settings(self) -> dict[str, Any]:
+        """What decoding used, recorded in every report (``report.json`` → ``provenance.generation``)."""
+        return generation_settings(self.max_new_tokens, self.repetition_penalty, self.seed)
 
     def load_image(self, data: bytes, name: str) -> Image.Image:
         """Image bytes → the model's input image, through the model's image policy."""
@@ -246,6 +242,7 @@ class InferConfig:
     max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
     progress: bool = True
     attn_implementation: str | None = None
+    repetition_penalty: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("image_path", "image_list", "parquet_file", "jsonl_file", "dataset_path", "output_file",
@@ -275,6 +272,7 @@ class InferConfig:
             raise RiskvaError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.max_new_tokens < 1:
             raise RiskvaError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_penalty(self.repetition_penalty)
         ImagePolicy(max_decoded_pixels=self.max_decoded_pixels)  # validates the limit before any model loads
         if self.output_file is None and self.report_dir is not None:
             self.output_file = self.report_dir / "predictions.json"
@@ -357,14 +355,16 @@ def infer(cfg: InferConfig, generator: Generator | None = None) -> list[dict[str
     if generator is None:
         generator = Generator(cfg.model_path, cfg.adapter_path, cfg.max_new_tokens, cfg.dtype, cfg.device, cfg.seed,
                               max_decoded_pixels=cfg.max_decoded_pixels,
-                              attn_implementation=cfg.attn_implementation)
+                              attn_implementation=cfg.attn_implementation,
+                              repetition_penalty=cfg.repetition_penalty)
     records = run_items(generator, items, cfg.batch_size, cfg.compare_gt, cfg.progress)
     if cfg.output_file is not None:
         write_json(cfg.output_file, records)
     if cfg.report_dir is not None:
         from riskva_core.evaluate.report import evaluate
 
-        evaluate(records, cfg.report_dir, image_root=getattr(cfg, cfg.source))
+        evaluate(records, cfg.report_dir, image_root=getattr(cfg, cfg.source),
+                 provenance={"generation": generator.generation_settings})
     return records
 
 
@@ -417,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images per generation batch (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--repetition_penalty", type=float, default=None,
+                   help="repetition penalty for decoding (default: none, i.e. 1.0, whatever the base model's "
+                   "generation_config says: training never used one)")
     p.add_argument("--torch_dtype", "--dtype", dest="dtype", default=None,
                    help="auto | bfloat16 | float32 (default auto: bf16 on a bf16-capable GPU; on a CPU the "
                    "checkpoint's own dtype, bf16 for Qwen2.5-VL-7B, when the CPU computes bf16, else float32); "

@@ -15,13 +15,18 @@ Rules worth knowing:
   unknown fields end the previous value only when bold (``**位置信息**:``) or when
   listed in ``EXTRA_KEYS``, otherwise a line like ``注意：…`` stays part of the value;
 - when a key occurs twice, the first occurrence wins;
-- an empty value counts as missing.
+- an empty value counts as missing;
+- the 风险等级 value may carry punctuation, whitespace, bold markers or brackets around it,
+  half- or full-width (``严重。``, ``严重 ``, ``：严重``, ``「严重」``, ``**严重**；``): only those
+  are stripped, from both ends, and what remains must be exactly a level, so ``较严重``,
+  ``轻微/中等/严重`` or ``严重风险很高`` stay ``"INVALID"``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
+import unicodedata
 from typing import Any
 
 from riskva_core.schema import FIELD_ADVICE, FIELD_DESC, FIELD_LEVEL, FIELD_RISK, FIELDS, LEVEL_INVALID, normalize_level
@@ -70,10 +75,29 @@ def parse_answer(text: str | None) -> ParseResult:
         source = "markdown" if any(v is not None for v in fields.values()) else "none"
     level = fields.get(FIELD_LEVEL)
     if level is not None:
-        fields[FIELD_LEVEL] = normalize_level(level) or LEVEL_INVALID
+        fields[FIELD_LEVEL] = parse_level(level)
     parsed = {f: fields.get(f) for f in FIELDS}
     ok = all(v is not None for v in parsed.values()) and parsed[FIELD_LEVEL] != LEVEL_INVALID
     return ParseResult(parsed=parsed, parse_ok=ok, source=source)
+
+
+def _decoration(ch: str) -> bool:
+    # Punctuation (P*: 。，：；！?、()「」【】*_…), separators/spaces (Z*: incl. U+3000), control
+    # characters (newlines) and markdown symbols (Sk/Sm: ` ~ > ＞): never part of a level word.
+    return unicodedata.category(ch)[0] in "PZC" or unicodedata.category(ch) in ("Sk", "Sm")
+
+
+def parse_level(value: str) -> str:
+    """The canonical level of a 风险等级 value, or ``"INVALID"``: decoration stripped from both ends only."""
+    level = normalize_level(value)
+    if level is not None:
+        return level
+    start, end = 0, len(value)
+    while start < end and _decoration(value[start]):
+        start += 1
+    while end > start and _decoration(value[end - 1]):
+        end -= 1
+    return normalize_level(value[start:end]) or LEVEL_INVALID
 
 
 def _clean(value: Any) -> str | None:

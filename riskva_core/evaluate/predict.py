@@ -17,9 +17,11 @@ from riskva_core.errors import RiskvaError
 from riskva_core.schema import FIELDS, INPUT_COLUMN
 
 
-def predict_split(model_uri: str, dataset_path: str | Path, split: str = "test") -> list[dict[str, Any]]:
+def predict_split(model_uri: str, dataset_path: str | Path, split: str = "test",
+                  generation: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Batch inference of a registered model on a prepared split, as infer-style records.
 
+    ``generation``, when given, is filled with the decoding settings the served model used.
     Records carry ``id``, ``image_path``, ``raw_output``, ``parsed``, ``parse_ok``,
     ``ground_truth`` and, for a sample that could not be answered, ``error``: the shape
     riskva_core.evaluate scores.
@@ -32,6 +34,8 @@ def predict_split(model_uri: str, dataset_path: str | Path, split: str = "test")
     if not samples:
         raise RiskvaError(f"{dataset_path}: the {split} split is empty; nothing to evaluate")
     model = mlflow.pyfunc.load_model(model_uri)
+    if generation is not None:
+        generation.update(served_generation_settings(model))
     config = dict(getattr(model, "model_config", None) or {})
     images = [_sample_bytes(s) for s in samples]
     rows: list[dict[str, Any]] = []
@@ -58,6 +62,15 @@ def predict_split(model_uri: str, dataset_path: str | Path, split: str = "test")
             rec["error"] = f"sample {sample.id}: {error}"
         records.append(rec)
     return records
+
+
+def served_generation_settings(model: Any) -> dict[str, Any]:
+    """The loaded pyfunc's decoding settings (infer.Generator's), or {} for another kind of model."""
+    try:
+        generator = getattr(model.unwrap_python_model(), "_generator", None)
+    except Exception:  # not a RisKVA python model
+        return {}
+    return dict(getattr(generator, "generation_settings", None) or {})
 
 
 def _chunks(images: list[bytes], max_rows: int, max_bytes: int) -> list[list[bytes]]:

@@ -210,11 +210,26 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]
     return out + [""]
 
 
+def provenance_text(prov: dict) -> str:
+    """One line: model version, test split hash, generation settings (whichever are recorded)."""
+    parts = []
+    if prov.get("model_version") is not None:
+        parts.append(f"model version {prov['model_version']}")
+    if prov.get("test_split_sha256"):
+        parts.append(f"test split sha256 {str(prov['test_split_sha256'])[:16]}…")
+    gen = prov.get("generation")
+    if gen:
+        parts.append("decoding " + ", ".join(f"{k}={v}" for k, v in gen.items()))
+    return "; ".join(parts)
+
+
 def render_markdown(report: dict, worst: Sequence[dict], figures: dict[str, str]) -> str:
     """``figures``: name → relative file path; ``worst`` items may carry ``thumb_file``."""
     lines = ["# RisKVA evaluation report", ""]
     lines += [f"Predictions: `{report['config']['predictions']}` (sha256 {report['config']['predictions_sha256'][:16]}…), "
               f"bootstrap {report['config']['n_resamples']} resamples, seed {report['config']['seed']}.", ""]
+    if report.get("provenance"):
+        lines += [f"Provenance: {provenance_text(report['provenance'])}.", ""]
     lines += ["## Headline", ""]
     lines += _md_table(["metric", "value", "95% CI"], _headline_rows(report))
     lines += ["## Risk level", "", f"![confusion matrix]({figures['confusion']})", "",
@@ -283,7 +298,9 @@ def render_html(report: dict, worst: Sequence[dict], figures: dict[str, bytes]) 
         f"<style>{_CSS}</style></head><body>",
         "<h1>RisKVA evaluation report</h1>",
         f"<p><small>Predictions {_h(cfg['predictions'])} (sha256 {_h(cfg['predictions_sha256'][:16])}…), "
-        f"bootstrap {_h(cfg['n_resamples'])} resamples, seed {_h(cfg['seed'])}.</small></p>",
+        f"bootstrap {_h(cfg['n_resamples'])} resamples, seed {_h(cfg['seed'])}."
+        + (f" Provenance: {_h(provenance_text(report['provenance']))}." if report.get("provenance") else "")
+        + "</small></p>",
         "<h2>Headline</h2>", _html_table(["metric", "value", "95% CI"], _headline_rows(report)),
         "<h2>Risk level</h2><div class=\"charts\">",
         f"<img alt=\"confusion matrix\" src=\"{_data_uri(figures['confusion'], 'image/png')}\">",

@@ -355,8 +355,14 @@ def evaluate(
     n_resamples: int = M.DEFAULT_RESAMPLES,
     seed: int = M.DEFAULT_SEED,
     n_worst: int = DEFAULT_WORST,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Score ``predictions`` (a file or the records) and write REPORT/report.{json,md,html}."""
+    """Score ``predictions`` (a file or the records) and write REPORT/report.{json,md,html}.
+
+    ``provenance`` is recorded as is under ``report["provenance"]``: the generation settings
+    used, and (in the Dagster graph) the model version and test split content hash the
+    predictions are for, which champion_promotion checks before it decides on them.
+    """
     source: dict[str, Any] = {}
     if isinstance(predictions, (str, os.PathLike)):
         records, sha = load_predictions(predictions)
@@ -377,6 +383,8 @@ def evaluate(
     records, base_records, source["matched_by"] = key_records(
         records, base_records, str(source["predictions"]), str(source.get("baseline", "baseline")))
     report, worst = build_report(records, base_records, n_resamples, seed, n_worst, source)
+    if provenance:
+        report["provenance"] = dict(provenance)
     write_report(report, worst, Path(output_dir), Path(image_root) if image_root is not None else None)
     return report
 

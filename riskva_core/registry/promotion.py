@@ -1,16 +1,32 @@
 """Challenger → champion: the promotion rule, and the registry moves that carry it out.
 
-Rule (``decide``), a non-inferiority test: the challenger becomes champion only if
-  1. it meets every absolute threshold (``Thresholds``: parse rate ≥ 0.9 and 风险等级
-     accuracy above the majority-class baseline by default, so a useless model fails;
-     severe recall and under-grading rate optional), and
-  2. on each guarded metric (风险等级 accuracy, severe recall, parse rate) the *lower*
-     end of the paired-bootstrap 95% interval of (challenger − champion), on the same
-     test samples, is above ``-margin`` (default 0.02). The burden of proof is on the
-     challenger: "not shown to be worse by more than the margin" is required, so a
-     small test split (wide intervals) keeps the champion rather than drifting down.
-With no champion yet, rule 1 alone decides. The thresholds used are written into
-the decision's tags (``promotion.thresholds``) so every decision can be re-checked.
+Rule (``decide``), a non-inferiority test with three outcomes:
+  1. the challenger must meet every absolute threshold (``Thresholds``: parse rate ≥ 0.9 and
+     风险等级 accuracy above the majority-class baseline by default, so a useless model fails;
+     severe recall and under-grading rate optional), else it is **rejected**;
+  2. on each guarded metric (风险等级 accuracy, severe recall, parse rate) the paired-bootstrap
+     95% interval of (challenger − champion) on the same test samples is read three ways:
+     - lower end above ``-margin``: non-inferior on that metric;
+     - upper end below 0: measured worse → **rejected**;
+     - otherwise the interval straddles ``-margin``: this split cannot tell.
+     When a guarded metric cannot tell, the decision is **inconclusive**: the champion stays and
+     the reason names how many labelled test photos would settle it at this margin (from the
+     observed Δ and spread: n ≈ (1.96·sd / (Δ + margin))²) or the smallest margin this split
+     could show (−lower end). A metric over a subset of the split with fewer than ``min_samples``
+     paired samples (severe recall on a demo-sized split has ~30) says so and does not block; a
+     measured-worse result on it still rejects.
+  3. every guarded metric non-inferior (or small-sample and not worse) → **promoted**.
+With no champion yet, rule 1 alone decides. Each decision records, per guarded metric, the
+interval, the outcome, the smallest margin this split could show non-inferiority at and the
+photos needed (``Decision.comparisons``), and the thresholds used (``promotion.thresholds``).
+
+Choosing the margin: it is the largest loss on a guarded metric you accept in exchange for
+whatever else the new model brings (newer data, fixed rare cases), in the metric's units
+(0.02 = two points of accuracy). Pick it from the cost of a wrong 风险等级, not from the test
+split: a margin raised until the split "passes" proves nothing. Then size the test split for
+it: at a disagreement rate d between the two models, an equal challenger needs about
+(1.96² · d) / margin² labelled test photos (d=0.2, margin 0.02: ≈1900; margin 0.05: ≈300).
+An inconclusive decision tells you both numbers for your split.
 
 Every decision, kept or not, is written to the version's tags
 (``promotion.decision``, ``promotion.reason``, ``promotion.history`` ...), so the
@@ -46,6 +62,8 @@ class Thresholds:
     margin: float = 0.02  # non-inferiority margin for the paired comparison
     n_resamples: int = metrics.DEFAULT_RESAMPLES
     seed: int = 0
+    # Below this many paired samples a guarded metric that cannot tell does not block (it says so).
+    min_samples: int = 100
 
     def __post_init__(self) -> None:
         for name in ("min_parse_rate", "min_level_accuracy", "min_severe_recall", "max_under_grading_rate"):
@@ -56,6 +74,11 @@ class Thresholds:
             raise RiskvaError(f"promotion margin={self.margin}: must be within [0, 1)")
         if self.n_resamples < 100:
             raise RiskvaError(f"promotion n_resamples={self.n_resamples}: use at least 100")
+        if self.min_samples < 1:
+            raise RiskvaError(f"promotion min_samples={self.min_samples}: must be at least 1")
+
+
+PROMOTED, REJECTED, INCONCLUSIVE = "promoted", "rejected", "inconclusive"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +89,17 @@ class Decision:
     comparisons: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     champion_version: str | None = None
     thresholds: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    outcome: str = ""  # promoted / rejected / inconclusive (derived from ``promote`` when empty)
+    notes: tuple[str, ...] = ()  # small-sample metrics that did not block, and why
+
+    def __post_init__(self) -> None:
+        if not self.outcome:
+            object.__setattr__(self, "outcome", PROMOTED if self.promote else REJECTED)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "outcome": self.outcome,
+            "notes": list(self.notes),
             "promote": self.promote,
             "reason": self.reason,
             "failures": list(self.failures),
@@ -175,44 +206,115 @@ def decide(
 ) -> Decision:
     """Apply the rule; ``comparisons`` is ``compare(...)``'s result, or None with no champion."""
     failures = absolute_failures(challenger_report, thresholds)
+    read: dict[str, dict[str, Any]] = {}
+    undecided: list[str] = []
+    notes: list[str] = []
     if comparisons is not None:
-        failures += non_inferiority_failures(comparisons, thresholds.margin, champion_version)
+        n_total = max([int((comparisons.get(m) or {}).get("n") or 0) for m in COMPARED_METRICS] + [0])
+        for metric in COMPARED_METRICS:
+            stats = read[metric] = assess(comparisons.get(metric) or {}, thresholds, n_total)
+            text = _evidence_text(metric, stats, thresholds.margin, champion_version)
+            if stats["outcome"] == "worse":
+                failures.append(text)
+            elif stats["outcome"] == "cannot_tell":
+                undecided.append(text)
+            elif stats["outcome"] in ("too_few", "no_samples"):
+                notes.append(text)
+        if n_total == 0:  # nothing paired at all: no evidence either way
+            undecided.append("no test sample was answered by both models")
     if failures:
-        reason = "kept as challenger: " + "; ".join(failures)
+        outcome, reason = REJECTED, "kept as challenger: " + "; ".join(failures)
+    elif undecided:
+        outcome = INCONCLUSIVE
+        reason = (f"inconclusive, champion v{champion_version} stays: this test split cannot tell; "
+                  + "; ".join(undecided))
     elif comparisons is None:
-        reason = "no champion yet; meets every absolute threshold"
+        outcome, reason = PROMOTED, "no champion yet; meets every absolute threshold"
     else:
+        outcome = PROMOTED
         reason = (f"meets every threshold and is non-inferior to champion v{champion_version} "
-                  f"(lower 95% bound of Δ above −{thresholds.margin:g} on {', '.join(COMPARED_METRICS)})")
+                  f"(lower 95% bound of Δ above −{thresholds.margin:g} on "
+                  f"{', '.join(m for m in COMPARED_METRICS if read[m]['outcome'] == 'non_inferior')})")
+    if notes:
+        reason += "; not deciding (too few samples): " + "; ".join(notes)
     return Decision(
-        promote=not failures,
+        promote=outcome == PROMOTED,
         reason=reason,
-        failures=tuple(failures),
-        comparisons={k: dict(v) for k, v in (comparisons or {}).items()},
+        failures=tuple(failures + undecided),
+        comparisons=read if comparisons is not None else {},
         champion_version=champion_version,
         thresholds=dataclasses.asdict(thresholds),
+        outcome=outcome,
+        notes=tuple(notes),
     )
+
+
+Z95 = 1.959964
+
+
+def assess(stats: Mapping[str, Any], t: Thresholds, n_total: int) -> dict[str, Any]:
+    """One guarded metric's evidence: outcome, smallest margin shown, samples needed.
+
+    ``outcome``: non_inferior (lower end > −margin), worse (upper end < 0), cannot_tell (the
+    interval straddles −margin), too_few (cannot tell with fewer than ``t.min_samples`` pairs, on a
+    metric over a subset of the split such as severe recall),
+    no_samples. ``n_needed``: paired samples for the interval to clear −margin at the observed Δ
+    and spread (None when Δ ≤ −margin: no split size settles it, only a larger margin);
+    ``photos_needed`` scales that to test photos by this metric's share of the split.
+    """
+    out = dict(stats)
+    ci, n = stats.get("ci95"), int(stats.get("n") or 0)
+    if ci is None or n == 0:
+        out.update(outcome="no_samples", min_margin=None, n_needed=None, photos_needed=None)
+        return out
+    lo, hi = float(ci[0]), float(ci[1])
+    delta = float(stats["delta"]) if stats.get("delta") is not None else (lo + hi) / 2
+    out["min_margin"] = round(max(0.0, -lo), 6)  # non-inferiority is shown at any margin above this
+    # Spread of the paired differences, read back from the interval (normal approximation).
+    sd = float(stats.get("sd") or (hi - lo) / (2 * Z95) * n ** 0.5)
+    gap = delta + t.margin
+    needed = None if gap <= 0 else max(n, int(-(-(Z95 * sd / gap) ** 2 // 1)))
+    out["n_needed"] = needed
+    out["photos_now"] = max(n_total, n)
+    out["photos_needed"] = None if needed is None else int(-(-needed * out["photos_now"] // n))
+    if lo > -t.margin:
+        out["outcome"] = "non_inferior"
+    elif hi < 0:
+        out["outcome"] = "worse"
+    else:
+        # Only a metric on a subset of the split (severe recall) can be "too few": the whole-split
+        # metrics are the evidence this split has, and an undecided one keeps the champion.
+        out["outcome"] = "too_few" if n < min(t.min_samples, n_total) else "cannot_tell"
+    return out
+
+
+def _evidence_text(metric: str, s: Mapping[str, Any], margin: float, champion: str | None) -> str:
+    if s["outcome"] == "no_samples":
+        return f"{metric}: no paired samples"
+    lo, hi = s["ci95"]
+    head = f"{metric} Δ={s['delta']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] on n={s['n']}"
+    if s["outcome"] == "worse":
+        return f"measured worse than champion v{champion} on {head}"
+    if s["outcome"] == "non_inferior":
+        return f"{head}: non-inferior"
+    if s["n_needed"] is not None and s["photos_needed"] > 100 * s["photos_now"]:
+        settle = (f"Δ sits almost at −{margin:g}: no practical test split settles it (over 100× this one); "
+                  f"a margin above {s['min_margin']:.3f} would")
+    elif s["n_needed"] is None:
+        settle = f"no test split settles margin {margin:g} at this Δ; only a margin above {s['min_margin']:.3f} would"
+    else:
+        settle = (f"≈{s['photos_needed']} labelled test photos (now {s['photos_now']}; "
+                  f"≈{s['photos_needed'] - s['photos_now']} more) would settle margin {margin:g}, "
+                  f"or a margin above {s['min_margin']:.3f} on this split")
+    return f"{head} straddles −{margin:g}: {settle}"
 
 
 def non_inferiority_failures(comparisons: Mapping[str, Mapping[str, Any]], margin: float,
                              champion_version: str | None) -> list[str]:
-    """One failure per guarded metric whose interval's lower end is not above ``-margin``.
-
-    A metric with no paired samples cannot show non-inferiority, so it fails too: an
-    unattended loop must not promote on evidence it does not have.
-    """
-    failures = []
-    for metric in COMPARED_METRICS:
-        stats = comparisons.get(metric) or {}
-        ci = stats.get("ci95")
-        if ci is None:
-            failures.append(f"non-inferiority on {metric} not shown: no paired samples")
-        elif not ci[0] > -margin:
-            failures.append(
-                f"not shown non-inferior to champion v{champion_version} on {metric}: "
-                f"Δ={stats['delta']:+.3f}, 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}], lower end ≤ −{margin:g}"
-            )
-    return failures
+    """The reasons a challenger is not promoted on the paired comparison (worse, or cannot tell)."""
+    d = decide({"parse_rate": 1.0, "risk_level": {"accuracy": 1.0}}, comparisons,
+               Thresholds(margin=margin, beat_majority_baseline=False), champion_version)
+    return list(d.failures)
 
 
 # --- registry moves --------------------------------------------------------------
@@ -266,7 +368,7 @@ def apply_decision(registry: Registry, version: str, decision: Decision, extra: 
         if old is not None and old != str(version):
             record(registry, old, "replaced", f"replaced by v{version}: {decision.reason}", extra)
     else:
-        record(registry, version, "rejected", decision.reason, info)
+        record(registry, version, decision.outcome, decision.reason, info)
     return registry.aliases()
 
 

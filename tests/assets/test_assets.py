@@ -1,7 +1,9 @@
 """The asset graph materialized in-process on a temporary data root and Dagster instance."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -40,12 +42,15 @@ def test_data_assets_materialize_with_metadata_and_check(home: Path):
         assert raw.metadata["dagster/row_count"].value == 24 and raw.metadata["rows_rejected"].value == 0
         assert "严重" in raw.metadata["level_distribution"].value
         assert raw.metadata["dagster/column_schema"].value.columns[1].name == "image_path"
-        (check,) = result.get_asset_check_evaluations()
-        assert check.check_name == "schema_valid" and check.passed
+        checks = {(c.asset_key.path[-1], c.check_name): c.passed for c in result.get_asset_check_evaluations()}
+        assert checks == {("raw_metadata", "schema_valid"): True, ("sft_jsonl", "no_near_duplicate_leak"): True,
+                          ("sft_parquet", "no_near_duplicate_leak"): True}
         for key, fmt in (("sft_jsonl", "jsonl"), ("sft_parquet", "parquet")):
             (mat,) = result.asset_materializations_for_node(key)
             sizes = mat.metadata["split_sizes"].value
             assert sum(sizes.values()) == 24 and sizes["test"] > 0
+            groups = mat.metadata["split_groups"].value  # photos of one defect: one group, one split
+            assert 0 < groups["test"] <= sizes["test"] and sum(groups.values()) <= 24
             assert mat.metadata["path"].value == str(home / "prepared" / VERSION / fmt)
             assert len(mat.metadata["preview"].value.records) == 5
             assert mat.tags["dagster/data_version"] == mat.metadata["fingerprint"].value[:16]
@@ -107,7 +112,7 @@ def test_whole_graph_with_tiny_model_two_ranks(home: Path):
         done = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
         assert sorted(done) == sorted(a.key.to_user_string() for a in ALL_ASSETS)  # each exactly once
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-        assert set(checks) == {"schema_valid", "merge_equivalent", "meets_thresholds"}
+        assert set(checks) == {"schema_valid", "no_near_duplicate_leak", "merge_equivalent", "meets_thresholds"}
         assert checks["merge_equivalent"].passed and "tolerance" in checks["merge_equivalent"].description
         assert "thresholds" in checks["meets_thresholds"].metadata
         # Pipes: rank 0's final report is the one materialization, with the world size it saw.
@@ -152,12 +157,31 @@ def test_registering_twice_makes_one_model_version(tmp_path: Path):
     root = DataRoot(home)
     jsonl = make_prepared_dataset(root.prepared_dir(VERSION, "jsonl"), n=6)
     make_parquet_twin(jsonl, root.prepared_dir(VERSION, "parquet"))
-    make_tiny_model(root.merged_dir(VERSION), jsonl)
+    merged = make_tiny_model(root.merged_dir(VERSION), jsonl)
+    adapter = root.train_dir(VERSION) / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"adapter v2 weights")
+    current = hashlib.sha256(b"adapter v2 weights").hexdigest()
     run_config = dg.RunConfig(ops={"registered_model": {"config": {"max_new_tokens": 4, "batch_size": 1}}})
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
-        runs = [dg.materialize(ALL_ASSETS, selection=["registered_model"], partition_key=VERSION, instance=instance,
-                               run_config=run_config, resources=_resources(home)) for _ in range(2)]
+
+        def register(**kw):
+            return dg.materialize(ALL_ASSETS, selection=["registered_model"], partition_key=VERSION, instance=instance,
+                                  run_config=run_config, resources=_resources(home), **kw)
+
+        # Planted stale evidence: a folder merged from an older adapter (the newest merge was refused and
+        # wrote nothing), or one whose merge check failed, is never registered.
+        for report, message in (({"equivalent": True, "adapter_sha256": "0" * 64}, "not from the current adapter"),
+                                ({"equivalent": False, "reason": "logits differ", "adapter_sha256": current},
+                                 "merge check failed (logits differ)")):
+            (merged / "merge_report.json").write_text(json.dumps(report), encoding="utf-8")
+            with pytest.raises(dg.Failure, match=re.escape(message)):
+                register()
+        assert list(Registry.under(root).client().search_model_versions("name='riskva'")) == []
+        (merged / "merge_report.json").write_text(json.dumps({"equivalent": True, "adapter_sha256": current}),
+                                                  encoding="utf-8")
+        runs = [register() for _ in range(2)]
     first, second = (r.asset_materializations_for_node("registered_model")[0].metadata for r in runs)
     assert first["model_version"].value == second["model_version"].value == "1"
     assert not first["reused_existing_version"].value and second["reused_existing_version"].value

@@ -42,6 +42,7 @@ def test_training_is_pooled_and_nothing_is_inertly_automated_and_checks_block():
     checks = {(s.asset_key.to_user_string(), s.name): s.blocking
               for k in graph.get_all_asset_keys() for s in defs.get_assets_def(k).check_specs}
     assert checks == {("raw_metadata", "schema_valid"): True, ("merged_model", "merge_equivalent"): True,
+                      ("sft_jsonl", "no_near_duplicate_leak"): True, ("sft_parquet", "no_near_duplicate_leak"): True,
                       ("evaluation_report", "meets_thresholds"): False}
     assert {p.to_user_string() for p in graph.get(dg.AssetKey("sft_jsonl")).parent_keys} == {"raw_metadata"}
     assert {p.to_user_string() for p in graph.get(dg.AssetKey("lora_adapter")).parent_keys} == {"base_model", "sft_jsonl"}

@@ -96,6 +96,18 @@ def _schedule(instance, home: Path, when: dt.datetime, base_model: str = ""):
         return weekly_retrain(ctx)
 
 
+def _validated(instance, partition: str, data_version: str) -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        "raw_metadata", partition=partition, tags={"dagster/data_version": data_version}))
+
+
+def _empty_registry(home: Path):
+    registry = Registry.under(DataRoot(home))
+    registry.activate()
+    registry.client().create_registered_model(registry.model_name)
+    return registry, registry.client()
+
+
 def test_schedule_retrains_the_newest_version_only_when_its_lineage_changed(tmp_path: Path):
     home = tmp_path / "home"
     _dataset(home, "a_old", mtime=1_000_000_000_000_000_000)
@@ -111,12 +123,8 @@ def test_schedule_retrains_the_newest_version_only_when_its_lineage_changed(tmp_
         assert isinstance(req, dg.RunRequest) and req.partition_key == "b_new"
         assert req.tags["riskva/retrain_because"] == "no champion yet"
         # b_new's validated data has data version D; a champion (a real MLflow version) trained on it.
-        instance.report_runless_asset_event(dg.AssetMaterialization(
-            "raw_metadata", partition="b_new", tags={"dagster/data_version": "D"}))
-        registry = Registry.under(DataRoot(home))
-        client = registry.client()
-        registry.activate()
-        client.create_registered_model(registry.model_name)
+        _validated(instance, "b_new", "D")
+        registry, client = _empty_registry(home)
         mv = client.create_model_version(registry.model_name, source=str(tmp_path))
         registry.set_tags(mv.version, {"data_version.raw_metadata": "D", "base_model": "demo",
                                        "code_version.lora_adapter": CODE_VERSIONS["lora_adapter"]})
@@ -131,6 +139,31 @@ def test_schedule_retrains_the_newest_version_only_when_its_lineage_changed(tmp_
         registry.set_tags(mv.version, {"code_version.lora_adapter": "older-training-code"})
         assert "code_version.lora_adapter" in _schedule(instance, home, when).tags["riskva/retrain_because"]
         registry.set_tags(mv.version, {"code_version.lora_adapter": CODE_VERSIONS["lora_adapter"]})
-        instance.report_runless_asset_event(dg.AssetMaterialization(
-            "raw_metadata", partition="b_new", tags={"dagster/data_version": "E"}))
+        _validated(instance, "b_new", "E")
         assert _schedule(instance, home, when).tags["riskva/retrain_because"] == "data_version.raw_metadata: D → E"
+
+
+def test_schedule_skips_when_the_newest_lineage_is_the_last_attempted_challengers(tmp_path: Path):
+    home = tmp_path / "home"
+    _dataset(home, "v1", mtime=1_000_000_000_000_000_000)
+    when = dt.datetime(2026, 1, 12, 3, 0, tzinfo=dt.timezone.utc)
+    lineage = {"data_version.raw_metadata": "D", "base_model": "demo",
+               "code_version.lora_adapter": CODE_VERSIONS["lora_adapter"]}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(DATASET_VERSION, ["v1"])
+        _validated(instance, "v1", "D")
+        registry, client = _empty_registry(home)
+        champ = client.create_model_version(registry.model_name, source=str(tmp_path))
+        registry.set_tags(champ.version, {**lineage, "data_version.raw_metadata": "C", "promotion.decision": "promoted"})
+        registry.set_alias("champion", champ.version)
+        chal = client.create_model_version(registry.model_name, source=str(tmp_path))
+        registry.set_tags(chal.version, lineage)  # registered, not yet through promotion: not "attempted"
+        assert isinstance(_schedule(instance, home, when), dg.RunRequest)
+        registry.set_tags(chal.version, {"promotion.decision": "inconclusive",
+                                         "promotion.reason": "inconclusive, champion v1 stays: ≈1868 photos"})
+        skip = _schedule(instance, home, when)
+        assert isinstance(skip, dg.SkipReason)
+        assert "lineage of v2, the last attempted challenger (decision: inconclusive" in skip.skip_message
+        _validated(instance, "v1", "E")  # new data: retrain
+        req = _schedule(instance, home, when)
+        assert isinstance(req, dg.RunRequest) and req.tags["riskva/retrain_because"] == "data_version.raw_metadata: C → E"

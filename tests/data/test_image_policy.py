@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import build_raw_dataset, image_bytes, row, textured_image
-from image_fixtures import exif6, png_header_only
+from image_fixtures import exif6, mpo, png_header_only
 from PIL import Image
 
 from riskva_core.data.image_policy import IMAGE_POLICY_FILE, ImagePolicy, save_image_policy
@@ -25,11 +25,11 @@ def _prepared_pixels(tmp_path, data: bytes, name: str) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-@pytest.mark.parametrize("kind", ["large", "exif6", "png", "small_png"])
+@pytest.mark.parametrize("kind", ["large", "exif6", "png", "small_png", "mpo"])
 def test_raw_photo_gets_exactly_the_pixels_prepare_stored(tmp_path, kind):
     base = textured_image(3, (1008, 756))
     data = {"large": image_bytes(base, "JPEG", quality=95), "exif6": exif6(base, quality=95),
-            "png": image_bytes(base, "PNG"), "small_png": image_bytes(base.resize((200, 150)), "PNG")}[kind]
+            "png": image_bytes(base, "PNG"), "small_png": image_bytes(base.resize((200, 150)), "PNG"), "mpo": mpo(base, quality=95)}[kind]
     served = np.asarray(POLICY.apply(data, "photo"))
     assert np.array_equal(served, _prepared_pixels(tmp_path, data, f"photo-{kind}"))
     assert served.shape[:2] == ((150, 200) if kind == "small_png" else (240, 320))  # upright, capped

@@ -108,7 +108,7 @@ def test_truncated_image_is_rejected(tmp_path, fmt, ext):
 def test_disallowed_format(tmp_path):
     data = image_bytes(textured_image(3).convert("P"), "GIF")
     rep = inspect_image(_write(tmp_path, "a.gif", data))
-    assert rep.reasons == ["image format GIF is not allowed (allowed: BMP, JPEG, PNG, TIFF, WEBP)"]
+    assert rep.reasons == ["image format GIF is not allowed (allowed: BMP, JPEG, MPO, PNG, TIFF, WEBP)"]
 
 
 def test_wrong_extension_is_accepted_with_a_warning(tmp_path):
@@ -246,3 +246,19 @@ def test_small_images_are_not_upscaled(tmp_path):
     path = _write(tmp_path, "s.png", image_bytes(textured_image(8, (50, 40)), "PNG"))
     rep = inspect_image(path, encode=EncodeSpec((1024, 1024), 85, str(tmp_path / "enc")))
     assert rep.encoded_size == (50, 40)
+
+
+def test_phone_mpo_jpeg_is_accepted_as_a_jpeg_and_its_first_frame_is_used(tmp_path):
+    from image_fixtures import mpo
+
+    photo = textured_image(6, (400, 300))
+    path = _write(tmp_path, "phone.jpg", mpo(photo, quality=95))
+    spec = EncodeSpec((200, 200), 90, str(tmp_path / "enc"))
+    (tmp_path / "enc").mkdir()
+    rep = inspect_image(path, encode=spec)
+    assert rep.ok and rep.format == "MPO" and rep.warnings == []  # a .jpg name matches MPO content
+    assert rep.size == (400, 300) and rep.encoded_size == (200, 150)  # the photo, not the small second frame
+    with Image.open(tmp_path / "enc" / rep.encoded_name) as img:
+        got = np.asarray(img.convert("RGB"), dtype=np.int16)
+    want = np.asarray(photo.resize((200, 150), Image.Resampling.BICUBIC), dtype=np.int16)
+    assert np.abs(got - want).mean() < 6  # same picture up to JPEG loss (the second frame is solid blue)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import image_bytes, row, textured_image
+from image_fixtures import mpo
 from riskva_core import cli
 from riskva_core.data.conversation import PromptTemplate
 from riskva_core.errors import RiskvaError
@@ -39,9 +40,9 @@ def _file_hashes(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def dataset(make_raw_dataset):
-    """24 valid rows (sources 96x72, bigger than the 64x64 box) plus one rejected row."""
+    """24 valid rows (sources 120x90, bigger than the 64x64 box) plus one rejected row; every split gets rows."""
     rows = [row(i, 位置信息=f"{i}号楼") for i in range(24)] + [row(99, level="较严重")]
-    return make_raw_dataset(rows, image_size=(96, 72))
+    return make_raw_dataset(rows, image_size=(120, 90))
 
 
 # --------------------------------------------------------------------------- config
@@ -130,13 +131,14 @@ def test_jsonl_and_parquet_give_identical_samples(dataset, tmp_path):
 
 
 def test_round_trip_pixels_and_text(make_raw_dataset, tmp_path):
-    """CSV → Parquet: decoded image ≈ the EXIF-applied, resized source; text fields intact."""
+    """CSV → Parquet: decoded image ≈ the EXIF-applied, resized source (an MPO's first frame); text intact."""
     exif = Image.Exif()
     exif[0x0112] = 6
     sources = {f"images/{i:04d}.jpg": textured_image(i, (480, 360)) for i in range(6)}
     imgs = {k: image_bytes(v, "JPEG", quality=95, **({"exif": exif.tobytes()} if k.endswith("0000.jpg") else {})) for k, v in sources.items()}
     imgs["images/0005.png"] = image_bytes(sources.pop("images/0005.jpg"), "PNG")
     imgs.pop("images/0005.jpg")
+    imgs["images/0004.jpg"] = mpo(sources["images/0004.jpg"], quality=95)  # a phone JPEG with a second picture
     rows = [row(i) for i in range(5)] + [row(5, image_path="images/0005.png", **{"data_缺陷描述": "含|竖线、引号\"和\n换行"})]
     ds = make_raw_dataset(rows, images=imgs)
     out = tmp_path / "pq"

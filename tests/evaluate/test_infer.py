@@ -166,3 +166,32 @@ def test_missing_model_is_a_one_line_error(tmp_path, capsys):
     rc = cli.main(["infer", "--model_path", str(tmp_path / "none"), "--image_path", str(tmp_path / "a.jpg")])
     assert rc == 2
     assert "no such model folder" in capsys.readouterr().err
+
+
+def test_greedy_means_no_repetition_penalty_unless_set_and_the_report_records_it(env, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(env["model"], model)
+    gc_file = model / "generation_config.json"
+    gc = json.loads(gc_file.read_text(encoding="utf-8")) if gc_file.is_file() else {}
+    gc.update(repetition_penalty=1.05, top_k=1, top_p=0.001, temperature=0.1)  # what Qwen2.5-VL-7B-Instruct ships
+    gc_file.write_text(json.dumps(gc), encoding="utf-8")
+    gen = Generator(model, max_new_tokens=TOKENS)
+    assert gen.model.generation_config.repetition_penalty == 1.05  # the base model's setting is there...
+    assert gen.generation_config.repetition_penalty == 1.0  # ...and not used
+    assert gen.generation_config.do_sample is False and gen.generation_config.num_beams == 1
+    imgs = [s.load_image() for s in read_samples(env["ds"], "train")[:2]]
+    assert gen.generate(imgs) == env["gen"].generate(imgs)  # same as a model without the setting
+    set_gen = Generator(model, max_new_tokens=TOKENS, repetition_penalty=1.3)
+    assert set_gen.generation_config.repetition_penalty == 1.3
+    report_dir = tmp_path / "R"
+    infer(InferConfig(model_path=str(model), dataset_path=env["ds"], compare_gt=True, report_dir=report_dir,
+                      max_new_tokens=TOKENS, progress=False, repetition_penalty=1.3), generator=set_gen)
+    report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
+    assert report["provenance"]["generation"] == {
+        "do_sample": False, "num_beams": 1, "max_new_tokens": TOKENS, "repetition_penalty": 1.3,
+        "repetition_penalty_source": "set", "seed": 0}
+    assert "repetition_penalty=1.3" in (report_dir / "report.md").read_text(encoding="utf-8")
+    with pytest.raises(RiskvaError, match="--repetition_penalty must be > 0"):
+        InferConfig(model_path=str(model), image_path="a.jpg", repetition_penalty=0)

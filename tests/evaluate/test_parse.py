@@ -95,7 +95,8 @@ def test_empty_value_is_missing():
     assert not r.parse_ok
 
 
-@pytest.mark.parametrize("level", ["高", "较严重", "严重。", "critical", "轻微/中等/严重"])
+@pytest.mark.parametrize("level", ["高", "较严重", "critical", "轻微/中等/严重", "严重风险很高", "不严重。", "严重/中等",
+                                   "。", "？", "严重或中等"])
 def test_level_outside_the_three_is_invalid(level):
     r = parse_answer(f"**风险描述**: A\n**风险等级**: {level}\n**纠正和预防建议**: C\n**缺陷描述**: D")
     assert r.parsed["风险等级"] == "INVALID"
@@ -124,3 +125,45 @@ def test_first_occurrence_of_a_repeated_key_wins():
 
 def test_none_input_is_tolerated():
     assert not parse_answer(None).parse_ok
+
+
+# Shapes a fine-tuned 7B writes for the level line: sentence-final 。, trailing spaces, a doubled
+# colon, bold level plus punctuation, quotes/brackets, a full-width space, a semicolon list style.
+@pytest.mark.parametrize("line, canonical", [
+    ("**风险等级**: 严重。", "严重"),
+    ("**风险等级**: 严重 ", "严重"),
+    ("**风险等级**：：严重", "严重"),
+    ("风险等级: ：严重", "严重"),
+    ("**风险等级**：**中等**。", "中等"),
+    ("- **风险等级**: 轻微；", "轻微"),
+    ("风险等级：「严重」", "严重"),
+    ("风险等级：【中等】", "中等"),
+    ("风险等级：\u3000轻微\u3000", "轻微"),
+    ("**风险等级**: 严重！", "严重"),
+    ("**风险等级**: `中等`", "中等"),
+    ("风险等级: 嚴重。", "严重"),
+    ("**风险等级**: 严重.", "严重"),
+])
+def test_level_followed_or_preceded_by_punctuation_scores_as_that_level(line, canonical):
+    text = f"**风险描述**: 墙体发霉。\n{line}\n**纠正和预防建议**: 铲除霉斑，补刷防水涂料。\n**缺陷描述**: 防水涂料透底。"
+    r = parse_answer(text)
+    assert r.parsed["风险等级"] == canonical
+    assert r.parse_ok
+
+
+def test_level_with_punctuation_in_json_answers_too():
+    r = parse_answer('{"风险": "A", "风险等级": "中等。", "纠正和预防建议": "C", "缺陷描述": "D"}')
+    assert r.parsed["风险等级"] == "中等" and r.parse_ok
+
+
+def test_evaluate_scores_answers_ending_their_level_in_a_full_stop_as_that_level(tmp_path):
+    """The issue's measurement: 12 answers, the other three fields right, level ending in 。 → accuracy 1.0."""
+    from riskva_core.evaluate.report import evaluate
+
+    levels = ["轻微", "中等", "严重"] * 4
+    records = [{"id": f"s{i}", "raw_output": f"**风险描述**: A{i}\n**风险等级**: {lvl}。\n**纠正和预防建议**: C{i}\n"
+                                               f"**缺陷描述**: D{i}",
+                "ground_truth": {"风险": f"A{i}", "风险等级": lvl, "纠正和预防建议": f"C{i}", "缺陷描述": f"D{i}"}}
+               for i, lvl in enumerate(levels)]
+    report = evaluate(records, tmp_path / "R", n_resamples=100)
+    assert report["risk_level"]["accuracy"] == 1.0 and report["parse_rate"] == 1.0

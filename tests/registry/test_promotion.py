@@ -33,8 +33,8 @@ def _report(parse_rate: float, accuracy: float, severe_recall: float = 1.0, majo
             "baselines": {"majority": {"level": "中等", "accuracy": majority}}}
 
 
-def _stats(lo: float, hi: float) -> dict:
-    return {"n": 60, "delta": (lo + hi) / 2, "ci95": [lo, hi], "p_value": 0.5}
+def _stats(lo: float, hi: float, n: int = 60) -> dict:
+    return {"n": n, "delta": (lo + hi) / 2, "ci95": [lo, hi], "p_value": 0.5}
 
 
 def test_no_champion_absolute_thresholds_decide():
@@ -51,26 +51,86 @@ def test_no_champion_absolute_thresholds_decide():
     assert not worse.promote and len(worse.failures) == 2
 
 
-def test_interval_reaching_below_the_margin_is_refused():
-    """[−0.10, +0.02]: not significantly worse, but not shown non-inferior either → refused."""
-    wide = {"level_accuracy": _stats(-0.10, 0.02), "severe_recall": _stats(-0.01, 0.05),
-            "parse_rate": _stats(0.0, 0.0)}
+def test_interval_is_read_three_ways_and_each_metric_says_what_it_shows():
+    """[−0.10, +0.02] on a large split: cannot tell → inconclusive, not rejected; below 0 → rejected."""
+    wide = {"level_accuracy": _stats(-0.10, 0.02, n=400), "severe_recall": _stats(-0.01, 0.05, n=130),
+            "parse_rate": _stats(0.0, 0.0, n=400)}
     d = promotion.decide(_report(1.0, 0.9), wide, champion_version="3")
-    assert not d.promote and d.failures == (
-        "not shown non-inferior to champion v3 on level_accuracy: Δ=-0.040, 95% CI [-0.100, +0.020], "
-        "lower end ≤ −0.02",)
+    assert not d.promote and d.outcome == "inconclusive"
+    assert d.reason.startswith("inconclusive, champion v3 stays: this test split cannot tell; level_accuracy "
+                               "Δ=-0.040, 95% CI [-0.100, +0.020] on n=400 straddles −0.02")
+    acc = d.comparisons["level_accuracy"]
+    assert acc["outcome"] == "cannot_tell" and acc["min_margin"] == 0.1
+    assert acc["n_needed"] is None and "only a margin above 0.100 would" in d.reason  # Δ itself is below −margin
+    assert d.comparisons["severe_recall"]["outcome"] == "non_inferior"
     # Every guarded metric's lower end above −margin → promoted.
-    tight = {**wide, "level_accuracy": _stats(-0.015, 0.03)}
+    tight = {**wide, "level_accuracy": _stats(-0.015, 0.03, n=400)}
     ok = promotion.decide(_report(1.0, 0.9), tight, champion_version="3")
-    assert ok.promote and "non-inferior to champion v3" in ok.reason
+    assert ok.promote and ok.outcome == "promoted" and "non-inferior to champion v3" in ok.reason
     # The margin is configurable; exactly at −margin is not above it.
-    assert not promotion.decide(_report(1.0, 0.9), tight, promotion.Thresholds(margin=0.015), "3").promote
+    assert promotion.decide(_report(1.0, 0.9), tight, promotion.Thresholds(margin=0.015), "3").outcome == "inconclusive"
     assert promotion.decide(_report(1.0, 0.9), wide, promotion.Thresholds(margin=0.11), "3").promote
-    # A guarded metric without paired samples cannot show non-inferiority.
-    missing = {**tight, "severe_recall": {"n": 0, "delta": None, "ci95": None, "p_value": None}}
-    assert "severe_recall not shown: no paired samples" in promotion.decide(_report(1.0, 0.9), missing, champion_version="3").reason
+    # Measured worse (the whole interval below 0) is rejected, however small the split.
+    worse = {**tight, "severe_recall": _stats(-0.4, -0.1, n=30)}
+    w = promotion.decide(_report(1.0, 0.9), worse, champion_version="3")
+    assert w.outcome == "rejected" and "measured worse than champion v3 on severe_recall" in w.reason
+    # A guarded metric without paired samples (no severe photo in the split) says so and does not block;
+    # with nothing paired at all there is no evidence either way.
+    none = {"n": 0, "delta": None, "ci95": None, "p_value": None}
+    missing = promotion.decide(_report(1.0, 0.9), {**tight, "severe_recall": none}, champion_version="3")
+    assert missing.promote and "not deciding (too few samples): severe_recall: no paired samples" in missing.reason
+    empty = promotion.decide(_report(1.0, 0.9), {m: none for m in wide}, champion_version="3")
+    assert empty.outcome == "inconclusive" and "no test sample was answered by both models" in empty.reason
     with pytest.raises(RiskvaError, match="margin"):
         promotion.Thresholds(margin=-0.1)
+
+
+def _disagreeing(n: int, wrong: set[int]) -> list[dict]:
+    """n predictions (gold levels cycling); the ones in ``wrong`` one level off."""
+    out = []
+    for i in range(n):
+        gold = LEVELS[i % 3]
+        guess = LEVELS[(LEVELS.index(gold) + 1) % 3] if i in wrong else gold
+        out.append({"id": f"s{i}", "ground_truth": {"风险等级": gold}, "parsed": {"风险等级": guess}, "parse_ok": True})
+    return out
+
+
+def test_planted_evidence_equal_challenger_at_demo_size_is_inconclusive_with_the_photos_needed():
+    n = 162  # the demo's test size
+    import random
+
+    rng = random.Random(0)
+    champ_wrong = set(rng.sample(range(n), 24))
+    others = [i for i in range(n) if i not in champ_wrong]
+    # Equally good (24 wrong each), but wrong on different photos: a normal disagreement rate.
+    chal_wrong = set(rng.sample(sorted(champ_wrong), 8)) | set(rng.sample(others, 16))
+    t = promotion.Thresholds(n_resamples=1000)
+    cmp = promotion.compare(_disagreeing(n, chal_wrong), _disagreeing(n, champ_wrong), t)
+    d = promotion.decide(_report(1.0, 1 - 24 / n), cmp, t, champion_version="1")
+    assert d.outcome == "inconclusive" and not d.promote
+    acc = d.comparisons["level_accuracy"]
+    assert acc["delta"] == 0.0 and acc["outcome"] == "cannot_tell"
+    assert 0.05 < acc["min_margin"] < 0.09  # the smallest margin n=162 could show
+    assert 1000 < acc["photos_needed"] < 3000  # (1.96·sd/0.02)² with sd² ≈ 32/162
+    assert f"≈{acc['photos_needed']} labelled test photos (now 162; ≈{acc['photos_needed'] - 162} more)" in d.reason
+    # Severe recall has 54 samples here: below min_samples it says so instead of blocking.
+    assert d.comparisons["severe_recall"]["n"] == 54
+    assert d.comparisons["severe_recall"]["outcome"] in {"too_few", "non_inferior"}
+    if d.comparisons["severe_recall"]["outcome"] == "too_few":
+        assert "not deciding (too few samples): severe_recall" in d.reason
+
+
+def test_planted_evidence_clearly_worse_is_rejected_and_clearly_better_on_a_large_split_is_promoted():
+    n = 162
+    champion = _disagreeing(n, set(range(0, n, 10)))  # 17 wrong
+    worse = _disagreeing(n, set(range(0, n, 3)))  # 54 wrong
+    d = promotion.decide(_report(1.0, 0.66), promotion.compare(worse, champion), champion_version="1")
+    assert d.outcome == "rejected" and "measured worse than champion v1 on level_accuracy" in d.reason
+    big = 2400
+    better = promotion.compare(_disagreeing(big, set(range(0, big, 20))), _disagreeing(big, set(range(0, big, 8))))
+    ok = promotion.decide(_report(1.0, 0.95), better, champion_version="1")
+    assert ok.outcome == "promoted" and ok.comparisons["level_accuracy"]["outcome"] == "non_inferior"
+    assert ok.comparisons["severe_recall"]["n"] == 800 and not ok.notes
 
 
 def test_paired_comparison_on_predictions():
@@ -80,12 +140,12 @@ def test_paired_comparison_on_predictions():
     assert cmp["level_accuracy"]["n"] == 90 and cmp["severe_recall"]["n"] == 30 and cmp["parse_rate"]["n"] == 90
     assert cmp["level_accuracy"]["ci95"][1] < 0
     d = promotion.decide(_report(1.0, 0.5), cmp, champion_version="3")
-    assert not d.promote and "not shown non-inferior to champion v3 on level_accuracy" in d.reason
+    assert not d.promote and "measured worse than champion v3 on level_accuracy" in d.reason
     assert "severe_recall" in d.reason
-    # Slightly worse on a small split (88 vs 90 right): the interval reaches below −0.02 → refused.
+    # Slightly worse on a small split (88 vs 90 right): the interval reaches below −0.02 but not below 0.
     close = promotion.compare(_records(90, correct=88), champion)
     assert close["level_accuracy"]["ci95"][0] < -0.02
-    assert not promotion.decide(_report(1.0, 0.98), close, champion_version="3").promote
+    assert promotion.decide(_report(1.0, 0.98), close, champion_version="3").outcome in {"inconclusive", "rejected"}
     # At least as good everywhere → promoted.
     better = promotion.compare(_records(90, correct=90), _records(90, correct=85))
     assert promotion.decide(_report(1.0, 1.0), better, champion_version="3").promote
@@ -139,7 +199,7 @@ def test_registry_round_trip_promote_reject_rollback(registry_with_versions: Reg
     d3 = promotion.decide(_report(0.99, 0.1), cmp3, champion_version="2")
     assert promotion.apply_decision(reg, "3", d3) == {"challenger": "3", "champion": "2", "previous_champion": "1"}
     tags3 = reg.get_version("3").tags
-    assert tags3["promotion.decision"] == "rejected" and "not shown non-inferior" in tags3["promotion.reason"]
+    assert tags3["promotion.decision"] == "rejected" and "measured worse than champion v2" in tags3["promotion.reason"]
     assert json.loads(tags3["promotion.thresholds"])["margin"] == 0.02
     # Rollback to the previous champion; then manual promotion of v3 with a reason.
     assert promotion.rollback(reg, "v2 misgrades site photos") == {
@@ -153,3 +213,24 @@ def test_registry_round_trip_promote_reject_rollback(registry_with_versions: Reg
         promotion.rollback(reg, "again", version="3")
     with pytest.raises(RiskvaError, match="no version"):
         promotion.promote(reg, "99", "typo")
+
+
+def test_planted_stale_evidence_is_refused(tmp_path):
+    from riskva_core.registry import evidence
+
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"splits": {"test": {"sha256": "c" * 64}}}), encoding="utf-8")
+    current = evidence.test_split_sha256(tmp_path)
+    preds = evidence.stamp(_records(30, 30), "7", current)
+    report = {"provenance": {"model_version": "7", "test_split_sha256": current}}
+    evidence.require(preds, report, "7", current)  # the evidence for v7 on today's split: accepted
+    with pytest.raises(RiskvaError, match=r"stale evidence: predictions are for model version\(s\) 6, not v7"):
+        evidence.require(evidence.stamp(preds, "6", current), report, "7", current)
+    old_split = evidence.stamp(preds, "7", "a" * 64)
+    with pytest.raises(RiskvaError, match="scored on test split\\(s\\) aaaaaaaaaaaa, not the current test split cccc"):
+        evidence.require(old_split, report, "7", current)
+    assert evidence.problems(preds, {"provenance": {"model_version": "6", "test_split_sha256": current}}, "7",
+                             current) == ["report is for model version 6, not v7"]
+    unstamped = _records(30, 30)  # written before evaluation recorded what it scored
+    assert len(evidence.problems(unstamped, {}, "7", current)) == 4
+    with pytest.raises(RiskvaError, match="no test split hash"):
+        evidence.test_split_sha256(tmp_path / "missing")
