@@ -18,6 +18,13 @@ rows) only when it is over a request limit or none of its rows can be answered. 
 from ``model_config``: ``max_rows`` (rows per request), ``max_request_bytes`` (image bytes
 per request) and ``max_decoded_pixels`` (per image, read from the header before decoding).
 
+A device out-of-memory error is not an answer about any row: ``predict`` raises
+``MlflowException(TEMPORARILY_UNAVAILABLE)`` (the scoring server's 503, a retryable refusal;
+evaluation stops on it). One model copy answers one request at a time (a lock around the
+generate loop): MLflow's scoring server runs concurrent requests in threads, and two
+``generate`` calls on one copy would race for its memory, so the others wait their turn.
+Usage columns ``prompt_tokens``/``completion_tokens`` count each row's tokens (OpenAI ``usage``).
+
 The model is logged "from code" (MLflow's recommended way, no pickled Python
 object): ``code_file()`` writes a two-line script that builds ``RiskvaModel``;
 the merged model folder travels as the artifact ``model_dir`` (safetensors).
@@ -27,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,7 +42,7 @@ import mlflow
 import pandas as pd
 
 from riskva_core.data.image_policy import DEFAULT_MAX_DECODED_PIXELS
-from riskva_core.errors import RiskvaError
+from riskva_core.errors import RiskvaError, is_out_of_memory
 from riskva_core.model.resolve import ARTIFACT_MODEL_DIR
 from riskva_core.schema import FIELDS, INPUT_COLUMN, OUTPUT_COLUMNS
 
@@ -42,6 +50,7 @@ from riskva_core.schema import FIELDS, INPUT_COLUMN, OUTPUT_COLUMNS
 DEFAULT_MAX_ROWS = 64
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 LIMIT_KEYS = ("max_rows", "max_request_bytes", "max_decoded_pixels")
+USAGE_COLUMNS = ("prompt_tokens", "completion_tokens")
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {"max_new_tokens": 256, "batch_size": 4, "max_rows": DEFAULT_MAX_ROWS,
                                         "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES,
                                         "max_decoded_pixels": DEFAULT_MAX_DECODED_PIXELS}
@@ -71,12 +80,27 @@ def signature() -> "mlflow.models.ModelSignature":
         [ColSpec("string", f) for f in FIELDS]
         + [ColSpec("string", "raw_output"), ColSpec("boolean", "parse_ok"),
            ColSpec("string", "error", required=False)]
+        + [ColSpec("long", c, required=False) for c in USAGE_COLUMNS]
     )
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
 def input_example(image_bytes: bytes) -> pd.DataFrame:
     return pd.DataFrame({INPUT_COLUMN: [image_bytes]})
+
+
+def _unavailable(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    return MlflowException(message, error_code=TEMPORARILY_UNAVAILABLE)
+
+
+def _release_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _invalid(message: str) -> Exception:
@@ -135,7 +159,8 @@ class RiskvaModel(mlflow.pyfunc.PythonModel):
         from riskva_core.evaluate.infer import Generator
 
         config = {**DEFAULT_MODEL_CONFIG, **(context.model_config or {})}
-        self._batch_size = int(config.pop("batch_size"))
+        self.batch_size = int(config.pop("batch_size"))
+        self._lock = threading.Lock()
         self.limits = {k: int(config.pop(k)) for k in LIMIT_KEYS}
         if min(self.limits.values()) < 1:
             raise _invalid(f"model_config limits must be >= 1, got {self.limits}")
@@ -159,10 +184,18 @@ class RiskvaModel(mlflow.pyfunc.PythonModel):
         check_limits(data, self.limits)
         items = [Item(id=f"row {i}", image=f"row {i}", image_id="", image_path=f"row {i}",
                       read=_reader(d, errors.get(i))) for i, d in enumerate(data)]
-        records = run_items(self._generator, items, self._batch_size, progress=False)
+        try:
+            with self._lock:
+                records = run_items(self._generator, items, self.batch_size, progress=False)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            _release_device_memory()
+            raise _unavailable(f"out of memory while answering {len(items)} rows ({type(exc).__name__}); "
+                               "retry later, or serve with a smaller batch_size") from None
         if records and all(r.get("error") for r in records):
             raise _invalid("; ".join(r["error"] for r in records))
-        return pd.DataFrame([record_row(r) for r in records], columns=list(OUTPUT_COLUMNS))
+        return pd.DataFrame([record_row(r) for r in records], columns=[*OUTPUT_COLUMNS, *USAGE_COLUMNS])
 
 
 def _reader(data: bytes | None, error: str | None):
@@ -180,4 +213,7 @@ def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
     row["raw_output"] = record["raw_output"] or ""
     row["parse_ok"] = bool(record["parse_ok"])
     row["error"] = record.get("error") or ""  # a string column: MLflow would serve a null as NaN
+    usage = record.get("usage") or {}
+    for column in USAGE_COLUMNS:
+        row[column] = int(usage.get(column, 0))
     return row

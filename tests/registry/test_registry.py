@@ -51,9 +51,10 @@ def test_pyfunc_loads_by_alias_and_predicts_bytes_and_base64(logged):
     reg.activate()
     model = mlflow.pyfunc.load_model("models:/riskva@challenger")
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
-    assert [c.name for c in model.metadata.get_output_schema().inputs] == [*FIELDS, "raw_output", "parse_ok", "error"]
+    columns = [*FIELDS, "raw_output", "parse_ok", "error", "prompt_tokens", "completion_tokens"]
+    assert [c.name for c in model.metadata.get_output_schema().inputs] == columns
     out = model.predict(pd.DataFrame({"image": [image, image]}))
-    assert list(out.columns) == [*FIELDS, "raw_output", "parse_ok", "error"] and len(out) == 2
+    assert list(out.columns) == columns and len(out) == 2
     assert (out["error"] == "").all()
     assert out["raw_output"].map(lambda s: isinstance(s, str) and len(s) > 0).all()
     # Deterministic greedy decoding: the same image gives the same text.
