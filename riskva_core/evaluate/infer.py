@@ -35,8 +35,9 @@ from PIL import Image
 from riskva_core.atomic import write_json
 from riskva_core.data.conversation import PromptTemplate
 from riskva_core.data.image_policy import DEFAULT_MAX_DECODED_PIXELS, ImagePolicy
-from riskva_core.errors import RiskvaError, is_out_of_memory
+from riskva_core.errors import RiskvaError, reraise_out_of_memory
 from riskva_core.evaluate.parse import parse_answer
+from riskva_core.evaluate.usage import token_usage
 from riskva_core.model.resolve import MLFLOW_SCHEMES, adapter_base, download_mlflow_model, resolve_model_ref
 from riskva_core.schema import FIELDS
 
@@ -143,6 +144,7 @@ class Generator:
         """Answer texts for ``images`` (RGB PIL images), one left-padded greedy batch."""
         import torch
 
+        self.last_usage: list[dict[str, int]] = []  # per image, OpenAI's usage (evaluate/usage.py)
         if not images:
             return []
         enc = self.processor(
@@ -152,20 +154,8 @@ class Generator:
         with torch.inference_mode():
             out = self.model.generate(**enc, generation_config=self.generation_config)
         new_tokens = out[:, enc["input_ids"].shape[1]:]
-        self.last_usage = _token_usage(enc["attention_mask"], new_tokens, self.generation_config.eos_token_id)
+        self.last_usage = token_usage(enc["attention_mask"], new_tokens, self.generation_config.eos_token_id)
         return [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-def _token_usage(attention_mask: Any, new_tokens: Any, eos: Any) -> list[dict[str, int]]:
-    """Per row: prompt tokens (padding excluded) and generated tokens up to and including the
-    first end-of-sequence token (what follows it in a batch is padding), as OpenAI's ``usage``."""
-    ends = {eos} if isinstance(eos, int) else set(eos or ())
-    completion = []
-    for row in new_tokens.tolist():
-        hit = next((k for k, token in enumerate(row) if token in ends), None)
-        completion.append(len(row) if hit is None else hit + 1)
-    prompt = attention_mask.sum(dim=1).tolist()
-    return [{"prompt_tokens": int(p), "completion_tokens": int(c)} for p, c in zip(prompt, completion)]
 
 
 # ---------------------------------------------------------------- inputs
@@ -300,8 +290,7 @@ class InferConfig:
         return _sample_items(getattr(self, self.source), self.split)
 
 
-def _record(item: Item, raw: str | None, error: str | None, with_gt: bool,
-            usage: dict[str, int] | None = None) -> dict[str, Any]:
+def _record(item: Item, raw: str | None, error: str | None, with_gt: bool, usage: dict | None = None) -> dict:
     if error is None:
         result = parse_answer(raw or "")
         parsed, ok = result.parsed, result.parse_ok
@@ -318,8 +307,7 @@ def _record(item: Item, raw: str | None, error: str | None, with_gt: bool,
     }
     if error is not None:
         rec["error"] = error
-    if usage is not None:
-        rec["usage"] = usage
+    rec.update({"usage": usage} if usage is not None else {})
     if with_gt and item.ground_truth is not None:
         rec["ground_truth"] = item.ground_truth
     return rec
@@ -328,7 +316,6 @@ def _record(item: Item, raw: str | None, error: str | None, with_gt: bool,
 # Errors one image can cause inside the processor or the model (e.g. an aspect ratio
 # smart_resize refuses); anything else is a bug and propagates.
 _GENERATION_ERRORS = (ValueError, RuntimeError, IndexError, TypeError)
-
 
 
 def run_items(generator: Generator, items: Sequence[Item], batch_size: int, with_gt: bool = False,
@@ -349,20 +336,16 @@ def run_items(generator: Generator, items: Sequence[Item], batch_size: int, with
                     records[i] = _record(item, None, str(exc), with_gt)
             try:
                 texts = generator.generate([img for _, img in good])
-                usage = getattr(generator, "last_usage", None) or [None] * len(texts)
-                outcomes = [(i, t, None, u) for (i, _), t, u in zip(good, texts, usage)]
+                outcomes = [(i, t, None, u) for (i, _), t, u in zip(good, texts, generator.last_usage)]
             except _GENERATION_ERRORS as batch_exc:
-                if is_out_of_memory(batch_exc):
-                    raise
+                reraise_out_of_memory(batch_exc)
                 # Isolate the image that broke the batch; the others still get answers.
                 outcomes = []
                 for i, img in good:
                     try:
-                        text = generator.generate([img])[0]
-                        outcomes.append((i, text, None, (getattr(generator, "last_usage", None) or [None])[0]))
+                        outcomes.append((i, generator.generate([img])[0], None, generator.last_usage[0]))
                     except _GENERATION_ERRORS as exc:
-                        if is_out_of_memory(exc):
-                            raise
+                        reraise_out_of_memory(exc)
                         outcomes.append((i, None, f"generation failed ({type(exc).__name__}: {exc})", None))
             for i, text, err, used in outcomes:
                 records[i] = _record(items[i], text, err, with_gt, used)

@@ -144,7 +144,8 @@ print(json.dumps({{"checkout": here.__file__, "changed": changed, "served": out[
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = str(checkout)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)  # cwd: `python -c` puts it first on sys.path
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["checkout"].startswith(str(checkout)) and result["changed"] == "changed checkout"
