@@ -160,6 +160,7 @@ def test_unset_alias_is_a_one_line_error_before_any_server_starts(registered):
     (["--port", "0"], "--port must be 1..65535"),
     (["--workers", "0"], "--workers must be >= 1"),
     (["--max_decoded_pixels", "0"], "--max_decoded_pixels must be >= 1"),
+    (["--max_queue", "0"], "--max_queue must be >= 1"),
     (["--api", "grpc"], "invalid choice: 'grpc'"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path):
