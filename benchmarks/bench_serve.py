@@ -1,6 +1,6 @@
-"""Serving throughput: batched requests against one image per request, and a load test, on loopback.
+"""Serving throughput: batched requests against one image per request, concurrency, and a load test.
 
-    .venv/bin/python benchmarks/bench_serve.py [--n_images 32] [--batch_size 8] [--size small]
+    .venv/bin/python benchmarks/bench_serve.py [--n_images 48] [--batch_size 8] [--size small]
         [--max_new_tokens 32] [--load_requests 200] [--load_clients 20]
 
 Builds the demo's tiny model on a small prepared dataset, registers it in a temporary MLflow
@@ -11,7 +11,11 @@ would: ``riskva serve`` (MLflow's /invocations) and ``riskva serve --api openai`
    sent one after another, against ``n_images / batch_size`` requests of ``batch_size`` rows
    (the pyfunc generates each request's rows as one left-padded batch). Each is warmed up once;
    the answers must be identical (greedy decoding; left padding changes nothing).
-2. Load: ``load_requests`` chat completions from ``load_clients`` concurrent clients against the
+2. Concurrency (OpenAI-compatible server, one photo per request): the same ``n_images`` photos
+   sent one after another, then from ``n_images`` concurrent clients, which the server batches
+   (up to ``batch_size`` per generate batch). Reports the gain (sequential time / concurrent
+   time), checks the answers are identical and measures ``/health`` all through the burst.
+3. Load: ``load_requests`` chat completions from ``load_clients`` concurrent clients against the
    OpenAI-compatible server, one in four corrupt; reports p50/p95 latency and the error rate,
    checks that every valid request got a 200 and that the server still answers afterwards.
 """
@@ -23,6 +27,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,12 +63,50 @@ def throughput(url: str, images: list[bytes], batch_size: int) -> dict[str, floa
             "ratio": t_single / t_batched}
 
 
-def load(url: str, images: list[bytes], n_requests: int, clients: int) -> dict[str, float]:
+def chat(data: bytes) -> dict:
+    return {"model": "riskva", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(data).decode()}}]}]}
+
+
+def concurrency(url: str, images: list[bytes]) -> dict[str, float]:
+    """The same photos sequentially, then from one client each at once; /health probed throughout."""
     import requests
 
-    def chat(data: bytes) -> dict:
-        return {"model": "riskva", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(data).decode()}}]}]}
+    def answer(data: bytes) -> str:
+        resp = requests.post(f"{url}/v1/chat/completions", json=chat(data), timeout=600)
+        resp.raise_for_status()
+        return resp.json()["choices"][0]["message"]["content"]
+
+    answer(images[0])  # warm-up
+    t0 = time.perf_counter()
+    sequential = [answer(img) for img in images]
+    t_seq = time.perf_counter() - t0
+    health: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            start = time.perf_counter()
+            requests.get(f"{url}/health", timeout=60).raise_for_status()
+            health.append(time.perf_counter() - start)
+            time.sleep(0.05)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(images)) as pool:
+        together = list(pool.map(answer, images))
+    t_conc = time.perf_counter() - t0
+    done.set()
+    prober.join()
+    if sequential != together:
+        raise SystemExit("concurrent answers differ from sequential answers")
+    return {"sequential_s": t_seq, "concurrent_s": t_conc, "gain": t_seq / t_conc,
+            "health_max_s": max(health), "health_probes": len(health)}
+
+
+def load(url: str, images: list[bytes], n_requests: int, clients: int) -> dict[str, float]:
+    import requests
 
     corrupt = [chat(b"corrupt" * 20), chat(images[0][:300])]
     jobs = [(chat(images[i % len(images)]), True) if i % 4 else (corrupt[i % 2], False) for i in range(n_requests)]
@@ -90,7 +133,7 @@ def load(url: str, images: list[bytes], n_requests: int, clients: int) -> dict[s
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n_images", type=int, default=32)
+    p.add_argument("--n_images", type=int, default=48)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--size", choices=["tiny", "small"], default="small", help="tiny_model size (default small)")
@@ -123,12 +166,16 @@ def main() -> int:
             tp = throughput(urls[0], images, args.batch_size)
         with ServerProcess([RISKVA, "serve", "--api", "openai", "--port", str(ports[1])], env=env,
                            log=root / "openai.log") as srv:
-            srv.wait_http(f"{urls[1]}/health", timeout=600)
+            srv.wait_http(f"{urls[1]}/ready", timeout=600)
+            cc = concurrency(urls[1], images)
             ld = load(urls[1], images, args.load_requests, args.load_clients)
     print(f"model {args.size}, {args.n_images} images, max_new_tokens {args.max_new_tokens}, torch threads "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}")
     print(f"throughput (MLflow server): one image per request {tp['single_img_s']:.2f} img/s, "
           f"{args.batch_size} rows per request {tp['batched_img_s']:.2f} img/s, ratio {tp['ratio']:.2f}x")
+    print(f"concurrency (OpenAI server): {args.n_images} photos one after another {cc['sequential_s']:.2f} s, "
+          f"from {args.n_images} concurrent clients {cc['concurrent_s']:.2f} s, gain {cc['gain']:.2f}x, identical "
+          f"answers; /health max {1000 * cc['health_max_s']:.0f} ms over {cc['health_probes']} probes")
     print(f"load (OpenAI server): {args.load_requests} requests from {args.load_clients} clients, 1 in 4 corrupt: "
           f"p50 {ld['p50_ms']:.0f} ms, p95 {ld['p95_ms']:.0f} ms, error rate {ld['error_rate']:.2f} "
           f"(all corrupt ones), {ld['req_s']:.1f} req/s; every valid request answered, server still up")

@@ -1,6 +1,7 @@
 """What every asset shares: code versions, group names and the Markdown/metadata helpers."""
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at runtime.
 
+import ast
 import hashlib
 import json
 from pathlib import Path
@@ -12,24 +13,52 @@ from riskva_core.errors import RiskvaError
 
 from .resources import REPO_ROOT
 
-# The riskva_core source each asset runs (files or whole stage packages, relative to the repository).
-# An asset's code_version is a hash of exactly these files, so editing e.g. riskva_core/train/ marks
-# lora_adapter stale in the UI (and, through it, everything downstream), while an edit to the
-# evaluation code leaves the trained model alone.
-ASSET_SOURCES: dict[str, tuple[str, ...]] = {
-    "raw_metadata": ("riskva_core/data/validate.py", "riskva_core/data/raw_csv.py", "riskva_core/data/images.py",
-                     "riskva_core/schema.py"),
-    "sft_jsonl": ("riskva_core/data", "riskva_core/schema.py"),
-    "sft_parquet": ("riskva_core/data", "riskva_core/schema.py"),
-    "base_model": ("riskva_core/model/tiny.py",),
-    "lora_adapter": ("riskva_core/train", "riskva_core/data/samples.py", "riskva_core/model/loading.py",
-                     "riskva_assets/pipes_train.py", "configs/deepspeed_zero2.yaml", "configs/ds_zero2.json"),
-    "merged_model": ("riskva_core/model/merge.py", "riskva_core/model/loading.py"),
-    "registered_model": ("riskva_core/registry/client.py", "riskva_core/registry/pyfunc.py",
-                         "riskva_core/evaluate/infer.py", "riskva_core/evaluate/parse.py"),
-    "evaluation_report": ("riskva_core/evaluate",),
-    "champion_promotion": ("riskva_core/registry/promotion.py", "riskva_core/evaluate/metrics.py"),
-}
+# An asset's code_version is a hash of the riskva_core source its function really reaches: the
+# imports inside the asset function, inside the same-module helpers it calls, and of the module
+# names it uses, followed through riskva_core (riskva_core/import_graph.py, read with ast). So
+# editing riskva_core/train/ marks lora_adapter stale in the UI (and, through it, everything
+# downstream) while an edit to the evaluation code leaves the trained model alone, and the list
+# cannot drift from the code. The Dagster layer (riskva_assets modules: metadata, resources,
+# lineage plumbing) is not hashed nor followed: it does not change what an asset produces.
+# What a function reaches other than by import:
+ASSET_MODULES = ("riskva_assets/data_assets.py", "riskva_assets/model_assets.py", "riskva_assets/registry_assets.py")
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {"lora_adapter": ("riskva_assets.pipes_train",)}  # run by accelerate
+EXTRA_FILES: dict[str, tuple[str, ...]] = {"lora_adapter": ("riskva_assets/pipes_train.py",
+                                                            "configs/deepspeed_zero2.yaml", "configs/ds_zero2.json")}
+
+
+def _asset_functions(module: Path) -> dict[str, str]:
+    """asset key → function name, for each ``@dg.asset`` function of ``module`` (read, not imported)."""
+    found = {}
+    for node in ast.parse(module.read_text(encoding="utf-8")).body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for deco in node.decorator_list:
+            call = deco if isinstance(deco, ast.Call) else None
+            target = call.func if call else deco
+            if isinstance(target, ast.Attribute) and target.attr == "asset" or getattr(target, "id", "") == "asset":
+                names = [k.value.value for k in (call.keywords if call else [])
+                         if k.arg == "name" and isinstance(k.value, ast.Constant)]
+                found[names[0] if names else node.name] = node.name
+    return found
+
+
+def asset_sources(root: Path = REPO_ROOT) -> dict[str, tuple[str, ...]]:
+    """asset key → the repository files (relative) its code_version hashes."""
+    from riskva_core.import_graph import closure, function_closure
+
+    sources = {}
+    for module in ASSET_MODULES:
+        for key, function in _asset_functions(root / module).items():
+            files, _ = function_closure(root / module, function, root, follow=("riskva_core",))
+            extra = EXTRA_MODULES.get(key, ())
+            files |= closure(extra, root, follow=("riskva_core", *extra))[0]
+            core = {f.relative_to(root).as_posix() for f in files if f.relative_to(root).parts[0] == "riskva_core"}
+            sources[key] = tuple(sorted(core | set(EXTRA_FILES.get(key, ()))))
+    return sources
+
+
+ASSET_SOURCES: dict[str, tuple[str, ...]] = asset_sources()
 
 
 def source_version(sources: Sequence[str], root: Path = REPO_ROOT) -> str:

@@ -11,3 +11,19 @@ class RiskvaError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The device ran out of memory: an infrastructure failure (retry, or a smaller batch), never
+    an answer about an input, so it must not be reported as a per-image error."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def reraise_out_of_memory(exc: BaseException) -> None:
+    """Raise ``exc`` again when it is a device out-of-memory error, which no image-level handler
+    may swallow."""
+    if is_out_of_memory(exc):
+        raise exc

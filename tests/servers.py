@@ -108,3 +108,46 @@ class ServerProcess:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+
+
+class ThreadServer:
+    """An ASGI app under a real uvicorn on a free loopback port, in a thread of this process (so a
+    test can plant faults in the loaded model); stopped on exit."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on", timeout_keep_alive=30))
+        self.thread = None
+
+    def __enter__(self) -> "ThreadServer":
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise AssertionError(f"uvicorn on {self.url} did not start")
+            time.sleep(0.05)
+        return self
+
+    def wait_ready(self, path: str = "/ready", timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{self.url}{path} not ready after {timeout:.0f}s")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(30)

@@ -35,9 +35,10 @@ from PIL import Image
 from riskva_core.atomic import write_json
 from riskva_core.data.conversation import PromptTemplate
 from riskva_core.data.image_policy import DEFAULT_MAX_DECODED_PIXELS, ImagePolicy
-from riskva_core.errors import RiskvaError
+from riskva_core.errors import RiskvaError, reraise_out_of_memory
 from riskva_core.evaluate.generation import check_penalty, generation_settings, greedy_config
 from riskva_core.evaluate.parse import parse_answer
+from riskva_core.evaluate.usage import token_usage
 from riskva_core.model.resolve import MLFLOW_SCHEMES, adapter_base, download_mlflow_model, resolve_model_ref
 from riskva_core.schema import FIELDS
 
@@ -141,6 +142,7 @@ class Generator:
         """Answer texts for ``images`` (RGB PIL images), one left-padded greedy batch."""
         import torch
 
+        self.last_usage: list[dict[str, int]] = []  # per image, OpenAI's usage (evaluate/usage.py)
         if not images:
             return []
         enc = self.processor(
@@ -150,6 +152,7 @@ class Generator:
         with torch.inference_mode():
             out = self.model.generate(**enc, generation_config=self.generation_config)
         new_tokens = out[:, enc["input_ids"].shape[1]:]
+        self.last_usage = token_usage(enc["attention_mask"], new_tokens, self.generation_config.eos_token_id)
         return [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
@@ -287,7 +290,7 @@ class InferConfig:
         return _sample_items(getattr(self, self.source), self.split)
 
 
-def _record(item: Item, raw: str | None, error: str | None, with_gt: bool) -> dict[str, Any]:
+def _record(item: Item, raw: str | None, error: str | None, with_gt: bool, usage: dict | None = None) -> dict:
     if error is None:
         result = parse_answer(raw or "")
         parsed, ok = result.parsed, result.parse_ok
@@ -304,6 +307,7 @@ def _record(item: Item, raw: str | None, error: str | None, with_gt: bool) -> di
     }
     if error is not None:
         rec["error"] = error
+    rec.update({"usage": usage} if usage is not None else {})
     if with_gt and item.ground_truth is not None:
         rec["ground_truth"] = item.ground_truth
     return rec
@@ -332,17 +336,19 @@ def run_items(generator: Generator, items: Sequence[Item], batch_size: int, with
                     records[i] = _record(item, None, str(exc), with_gt)
             try:
                 texts = generator.generate([img for _, img in good])
-                outcomes = [(i, t, None) for (i, _), t in zip(good, texts)]
-            except _GENERATION_ERRORS:
+                outcomes = [(i, t, None, u) for (i, _), t, u in zip(good, texts, generator.last_usage)]
+            except _GENERATION_ERRORS as batch_exc:
+                reraise_out_of_memory(batch_exc)
                 # Isolate the image that broke the batch; the others still get answers.
                 outcomes = []
                 for i, img in good:
                     try:
-                        outcomes.append((i, generator.generate([img])[0], None))
+                        outcomes.append((i, generator.generate([img])[0], None, generator.last_usage[0]))
                     except _GENERATION_ERRORS as exc:
-                        outcomes.append((i, None, f"generation failed ({type(exc).__name__}: {exc})"))
-            for i, text, err in outcomes:
-                records[i] = _record(items[i], text, err, with_gt)
+                        reraise_out_of_memory(exc)
+                        outcomes.append((i, None, f"generation failed ({type(exc).__name__}: {exc})", None))
+            for i, text, err, used in outcomes:
+                records[i] = _record(items[i], text, err, with_gt, used)
             bar.update(len(chunk))
     finally:
         bar.close()

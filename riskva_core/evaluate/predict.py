@@ -6,6 +6,10 @@ its generation settings and image policy (``model_config``, ``image_policy.json`
 A sample whose image cannot be used becomes a record with ``error`` (scored as unparsed,
 as ``riskva infer`` does) and the others are still answered; only a split where no image
 can be answered at all is an error.
+
+A device out-of-memory error is an infrastructure failure, not a wrong answer: the pyfunc
+refuses the request as ``TEMPORARILY_UNAVAILABLE`` (never as per-row errors), and evaluation
+stops with an error saying so instead of scoring the samples as unparsed.
 """
 from __future__ import annotations
 
@@ -44,7 +48,11 @@ def predict_split(model_uri: str, dataset_path: str | Path, split: str = "test",
                          int(config.get("max_request_bytes") or 0)):
         try:
             out = model.predict(pd.DataFrame({INPUT_COLUMN: chunk}))
-        except MlflowException as exc:  # no image of the chunk answerable: nothing to score
+        except MlflowException as exc:
+            if exc.error_code == "TEMPORARILY_UNAVAILABLE":
+                raise RiskvaError(f"{model_uri} on {dataset_path} ({split}): infrastructure error, evaluation "
+                                  f"stopped and nothing scored: {exc.message}") from None
+            # no image of the chunk answerable: nothing to score
             raise RiskvaError(f"{dataset_path} ({split}): {exc.message}") from None
         rows.extend(out.to_dict("records"))
     records = []

@@ -124,6 +124,11 @@ class Registry:
         policy's dtype (``model_config["torch_dtype"]``, default auto: a bf16 checkpoint
         stays bf16 on a CPU). The weights are written once, into the artifact store; a
         failed or killed registration leaves no RUNNING run and no partial copy (storage.py).
+
+        The version is self-contained: it carries this checkout's ``riskva_core`` (MLflow
+        ``code_paths``; pyfunc.py's entry script runs it instead of whatever riskva_core the
+        serving environment has) and pins the installed versions of the distributions that
+        code imports (``default_requirements``), so loading version N runs version N's code.
         """
         import mlflow
         from mlflow.models import Model
@@ -159,6 +164,7 @@ class Registry:
                 model_config=model_config,
                 signature=pyfunc.signature(),
                 input_example=pyfunc.input_example(example_image),
+                code_paths=[str(pyfunc.code_package(tmp))],
                 pip_requirements=pip_requirements or default_requirements(),
                 registered_model_name=self.model_name,
             )
@@ -227,17 +233,24 @@ class Registry:
             pass
 
 
-def default_requirements() -> list[str]:
-    """Pins of the packages the pyfunc imports at load time, at their installed versions.
+# Loaded by transformers at run time for a Qwen2.5-VL (weights, device map, image processor),
+# with no import of them in riskva_core for the import graph to find.
+RUNTIME_DISTRIBUTIONS = ("torchvision", "accelerate", "safetensors", "tokenizers", "qwen-vl-utils")
 
-    riskva itself is not on an index: serve with ``--env-manager local`` from an
-    environment where this repository is installed.
+
+def default_requirements() -> list[str]:
+    """``dist==version`` pins, at their installed versions, of every distribution the pyfunc's
+    code imports (its import graph, import_graph.py) plus what transformers loads at run time.
+
+    riskva itself is not on an index; the version carries its own riskva_core (code_paths).
     """
     from importlib import metadata
 
+    from riskva_core.import_graph import closure, distributions
+
+    _, external = closure(["riskva_core.registry.pyfunc"])
     pins = []
-    for dist in ("mlflow", "torch", "torchvision", "transformers", "accelerate", "safetensors",
-                 "pillow", "pandas", "numpy", "qwen-vl-utils"):
+    for dist in sorted(distributions(external) | set(RUNTIME_DISTRIBUTIONS), key=str.lower):
         try:
             pins.append(f"{dist}=={metadata.version(dist)}")
         except metadata.PackageNotFoundError:

@@ -4,9 +4,9 @@
     riskva serve --model_uri models:/riskva/3 --port 8080 --workers 2
     riskva serve --api openai                      # POST /v1/chat/completions (openai_api.py)
 
-Runs ``mlflow models serve -m URI --env-manager local`` in this environment (riskva
-itself is not on a package index, so the model's own environment cannot be rebuilt
-elsewhere) with ``MLFLOW_TRACKING_URI`` pointing at the data root's registry
+Runs MLflow's scoring server (the app ``mlflow models serve -m URI --env-manager local``
+runs) under uvicorn in this environment, with a body limit in front (scoring_app.py), and
+``MLFLOW_TRACKING_URI`` pointing at the data root's registry
 (``sqlite:///$RISKVA_HOME/mlflow/mlflow.db``; ``RISKVA_MLFLOW_TRACKING_URI`` or
 ``--tracking_uri`` override it). Before starting, the URI is looked up in the registry
 so that an unset alias is a one-line error instead of a server that never comes up.
@@ -23,12 +23,14 @@ naming the rows (pyfunc.py). The server keeps serving.
 
 Limits (``--max_rows``, ``--max_request_bytes``, ``--max_decoded_pixels``) and the load dtype
 (``--torch_dtype``) default to the registered version's ``model_config``; given here they override
-it at load time through MLflow's ``MLFLOW_PYFUNC_INFERENCE_CONFIG``, for either API.
+it at load time through MLflow's ``MLFLOW_PYFUNC_INFERENCE_CONFIG``, for either API. The byte limit
+also caps the HTTP body, for both APIs, before it is read or parsed (a 413, limits.py). ``--timeout``
+is each request's deadline (504). ``--max_queue`` and ``--max_wait_ms`` tune the OpenAI server's
+batching (batching.py).
 
 A ``models:/`` version whose artifacts are on this machine's file system (the default sqlite +
 local-artifacts registry) is served from its artifact folder in place; only a remote artifact
-store is downloaded (once, into a temporary folder), so a 7B needs no second 16 GB at start-up. With ``--api openai`` the byte
-limit also caps the HTTP body (a 413 before it is read in full).
+store is downloaded (once, into a temporary folder), so a 7B needs no second 16 GB at start-up.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from riskva_core.errors import RiskvaError
+from riskva_core.registry.batching import DEFAULT_MAX_QUEUE, DEFAULT_MAX_WAIT_MS
 
 DEFAULT_MODEL_URI = "models:/riskva@champion"
 DEFAULT_HOST = "127.0.0.1"
@@ -71,8 +74,14 @@ class ServeConfig:
     max_decoded_pixels: int | None = None
     torch_dtype: str | None = None
     artifact_dir: str | None = None  # set by serve(): the version's local artifact folder, loaded in place
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
 
     def __post_init__(self) -> None:
+        if int(self.max_queue) < 1:
+            raise RiskvaError(f"--max_queue must be >= 1, got {self.max_queue}")
+        if not 0 <= float(self.max_wait_ms) <= 1000:
+            raise RiskvaError(f"--max_wait_ms must be 0..1000, got {self.max_wait_ms}")
         if self.api not in APIS:
             raise RiskvaError(f"--api must be one of {', '.join(APIS)}, got {self.api!r}")
         for name in ("max_rows", "max_request_bytes", "max_decoded_pixels"):
@@ -142,7 +151,13 @@ def server_env(config: ServeConfig, base: dict[str, str] | None = None) -> dict[
 
         env[ENV_CONFIG] = json.dumps({
             "model_uri": config.load_uri, "model_name": _model_name(config.model_uri),
-            "max_request_bytes": config.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES})
+            "max_request_bytes": config.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
+            "timeout_s": config.timeout, "max_queue": config.max_queue, "max_wait_ms": config.max_wait_ms})
+    else:
+        from riskva_core.registry import scoring_app
+
+        env[scoring_app.ENV_CONFIG] = json.dumps({"model_uri": config.load_uri})
+        env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(config.timeout)  # MLflow's own 504
     return env
 
 
@@ -152,19 +167,11 @@ def _model_name(uri: str) -> str:
 
 
 def server_command(config: ServeConfig) -> list[str]:
-    if config.api == "openai":  # uvicorn's factory: each worker loads the pyfunc itself
-        return [sys.executable, "-m", "uvicorn", "riskva_core.registry.openai_api:app_from_env", "--factory",
-                "--host", config.host, "--port", str(config.port), "--workers", str(config.workers),
-                "--timeout-keep-alive", "30"]
-    return [
-        sys.executable, "-m", "mlflow", "models", "serve",
-        "-m", config.load_uri,
-        "--env-manager", "local",
-        "-h", config.host,
-        "-p", str(config.port),
-        "-w", str(config.workers),
-        "-t", str(config.timeout),
-    ]
+    """uvicorn with a factory: each worker loads the pyfunc itself."""
+    factory = ("riskva_core.registry.openai_api:app_from_env" if config.api == "openai"
+               else "riskva_core.registry.scoring_app:app_from_env")
+    return [sys.executable, "-m", "uvicorn", factory, "--factory", "--host", config.host, "--port", str(config.port),
+            "--workers", str(config.workers), "--timeout-keep-alive", "30"]
 
 
 def resolve_model(config: ServeConfig) -> str | None:
@@ -197,7 +204,8 @@ def usage_text(config: ServeConfig, version: str | None = None) -> str:
             f"Serving {served} (OpenAI-compatible)",
             f"  registry   {config.tracking_uri}",
             *_artifacts_line(config),
-            f"  endpoint   {url}/v1/chat/completions   (health: {url}/health; ready once the model is loaded)",
+            f"  endpoint   {url}/v1/chat/completions   (health: {url}/health; ready: {url}/ready; "
+            f"metrics: {url}/metrics)",
             "",
             "Examples:",
             "  printf '{\"model\": \"riskva\", \"messages\": [{\"role\": \"user\", \"content\": [{\"type\": "
@@ -226,7 +234,7 @@ def _artifacts_line(config: ServeConfig) -> list[str]:
 
 
 def serve(config: ServeConfig) -> int:
-    """Check the model, print where it serves, then become the server (MLflow's or uvicorn; blocks)."""
+    """Check the model, print where it serves, then become the server (uvicorn; blocks)."""
     from riskva_core.registry.storage import local_model_dir
 
     version = resolve_model(config) if config.check_model else None
@@ -237,8 +245,7 @@ def serve(config: ServeConfig) -> int:
     env = server_env(config)
     sys.stdout.flush()
     sys.stderr.flush()
-    # exec: signals (Ctrl-C, a supervisor's SIGTERM) reach MLflow directly, and MLflow's
-    # uvicorn child dies with it (MLflow sets PR_SET_PDEATHSIG).
+    # exec: signals (Ctrl-C, a supervisor's SIGTERM) reach uvicorn directly, which stops its workers.
     os.execve(command[0], command, env)
     return 0  # not reached
 
@@ -259,7 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="uvicorn worker processes; each loads its own copy of the model (default 1)")
     p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_S,
-                   help=f"seconds one request may take before a 504 (default {DEFAULT_TIMEOUT_S})")
+                   help=f"seconds one request may take before a 504, queueing included (default {DEFAULT_TIMEOUT_S})")
+    p.add_argument("--max_queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="--api openai: requests that may wait for the model; more are a 503 with Retry-After "
+                   f"(default {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--max_wait_ms", type=float, default=DEFAULT_MAX_WAIT_MS,
+                   help="--api openai: how long the first request of a batch waits for companions, up to the "
+                   f"model's batch_size (default {DEFAULT_MAX_WAIT_MS:g} ms)")
     p.add_argument("--tracking_uri", default=None,
                    help=f"MLflow tracking/registry URI (default ${ENV_TRACKING_URI}, else "
                    "sqlite:///$RISKVA_HOME/mlflow/mlflow.db)")
@@ -269,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_rows", type=int, default=None,
                    help="rows (images) per /invocations request (default: the model's model_config, 64)")
     p.add_argument("--max_request_bytes", type=int, default=None,
-                   help="image bytes per request, and with --api openai the HTTP body size "
-                   "(default: the model's model_config, 64 MiB)")
+                   help="bytes per request: the HTTP body, refused with 413 before it is read, and the images "
+                   "in it (default: the model's model_config, 64 MiB)")
     p.add_argument("--max_decoded_pixels", type=int, default=None,
                    help="pixels per image, checked from its header before decoding "
                    "(default: the model's model_config, 40000000)")

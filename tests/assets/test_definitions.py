@@ -73,6 +73,31 @@ def test_code_versions_follow_the_core_source_each_asset_runs(tmp_path: Path):
     assert {k for k in after if after[k] != before[k]} == {"lora_adapter"}
 
 
+def test_code_versions_come_from_the_imports_each_asset_reaches(tmp_path: Path):
+    """A module newly imported by validation code joins raw_metadata's sources by itself (no list to keep)."""
+    import shutil
+
+    from riskva_assets.asset_metadata import ASSET_SOURCES, REPO_ROOT, asset_sources, source_version
+
+    assert "riskva_core/data/validate.py" in ASSET_SOURCES["raw_metadata"]
+    assert "riskva_core/train/sft.py" in ASSET_SOURCES["lora_adapter"]
+    assert not any(f.startswith("riskva_core/train/") for f in ASSET_SOURCES["raw_metadata"])
+    copy = tmp_path / "repo"
+    for folder in ("riskva_core", "riskva_assets", "configs"):
+        shutil.copytree(REPO_ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "riskva_core/data/extra_rule.py").write_text("RULE = 1\n", encoding="utf-8")
+    validate = copy / "riskva_core/data/validate.py"
+    validate.write_text(validate.read_text(encoding="utf-8") + "\n\ndef _rule():\n"
+                        "    from riskva_core.data.extra_rule import RULE\n    return RULE\n", encoding="utf-8")
+    sources = asset_sources(copy)
+    assert "riskva_core/data/extra_rule.py" in sources["raw_metadata"]
+    assert "riskva_core/data/extra_rule.py" not in sources["lora_adapter"]
+    before = {k: source_version(v, copy) for k, v in sources.items()}
+    (copy / "riskva_core/data/extra_rule.py").write_text("RULE = 2\n", encoding="utf-8")
+    after = {k: source_version(v, copy) for k, v in sources.items()}
+    assert before["raw_metadata"] != after["raw_metadata"] and before["lora_adapter"] == after["lora_adapter"]
+
+
 def test_jobs_sensor_schedule_present():
     assert {j.name for j in defs.jobs} >= {"data_job", "retrain_job", "promote_job"}
     assert defs.get_sensor_def("new_dataset_sensor") is not None

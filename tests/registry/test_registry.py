@@ -51,9 +51,10 @@ def test_pyfunc_loads_by_alias_and_predicts_bytes_and_base64(logged):
     reg.activate()
     model = mlflow.pyfunc.load_model("models:/riskva@challenger")
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
-    assert [c.name for c in model.metadata.get_output_schema().inputs] == [*FIELDS, "raw_output", "parse_ok", "error"]
+    columns = [*FIELDS, "raw_output", "parse_ok", "error", "prompt_tokens", "completion_tokens"]
+    assert [c.name for c in model.metadata.get_output_schema().inputs] == columns
     out = model.predict(pd.DataFrame({"image": [image, image]}))
-    assert list(out.columns) == [*FIELDS, "raw_output", "parse_ok", "error"] and len(out) == 2
+    assert list(out.columns) == columns and len(out) == 2
     assert (out["error"] == "").all()
     assert out["raw_output"].map(lambda s: isinstance(s, str) and len(s) > 0).all()
     # Deterministic greedy decoding: the same image gives the same text.
@@ -106,3 +107,47 @@ def test_a_version_registered_before_the_package_layout_still_loads(logged, monk
     new_out = mlflow.pyfunc.load_model(rv.model_uri).predict(pd.DataFrame({"image": [image]}))
     old_out = mlflow.pyfunc.load_model(old.model_uri).predict(pd.DataFrame({"image": [image]}))
     assert old_out["raw_output"][0] == new_out["raw_output"][0]
+
+
+def test_a_registered_version_keeps_its_code_when_the_checkout_changes(logged, tmp_path):
+    """The version carries its riskva_core (code_paths): served from a checkout whose pyfunc code
+    changed after registration, it still answers with the code it was registered with."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import riskva_core
+
+    reg, rv, _, image = logged
+    reg.activate()
+    expected = mlflow.pyfunc.load_model(rv.model_uri).predict(pd.DataFrame({"image": [image]}))["raw_output"][0]
+    checkout = tmp_path / "checkout"
+    shutil.copytree(Path(riskva_core.__file__).parent, checkout / "riskva_core",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = checkout / "riskva_core" / "registry" / "pyfunc.py"
+    old = 'row["raw_output"] = record["raw_output"] or ""'
+    assert old in code.read_text(encoding="utf-8")
+    code.write_text(code.read_text(encoding="utf-8").replace(old, 'row["raw_output"] = "changed checkout"'),
+                    encoding="utf-8")
+    (tmp_path / "photo.jpg").write_bytes(image)
+    script = f"""
+import json, sys
+import mlflow, pandas as pd
+import riskva_core.registry.pyfunc as here
+changed = here.record_row({{"parsed": {{}}, "raw_output": "x", "parse_ok": True}})["raw_output"]
+mlflow.set_tracking_uri({reg.tracking_uri!r})
+model = mlflow.pyfunc.load_model({rv.model_uri!r})
+out = model.predict(pd.DataFrame({{"image": [open({str(tmp_path / "photo.jpg")!r}, "rb").read()]}}))
+print(json.dumps({{"checkout": here.__file__, "changed": changed, "served": out["raw_output"][0]}}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(checkout)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)  # cwd: `python -c` puts it first on sys.path
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["checkout"].startswith(str(checkout)) and result["changed"] == "changed checkout"
+    assert result["served"] == expected != "changed checkout"
+    assert "running the riskva_core logged with this model version" in proc.stderr

@@ -96,7 +96,8 @@ def test_base64_jpeg_returns_the_four_fields_and_raw_text(server, registered):
     preds = resp.json()["predictions"]
     assert len(preds) == 2
     for p in preds:
-        assert set(p) == {*FIELDS, "raw_output", "parse_ok", "error"} and p["error"] == ""
+        assert set(p) == {*FIELDS, "raw_output", "parse_ok", "error", "prompt_tokens", "completion_tokens"}
+        assert p["error"] == "" and p["prompt_tokens"] > 0 and 0 < p["completion_tokens"] <= MAX_NEW_TOKENS
         assert isinstance(p["raw_output"], str) and p["raw_output"]
         assert isinstance(p["parse_ok"], bool)
         assert p["风险等级"] in ("", *LEVELS)
@@ -172,6 +173,7 @@ def test_unset_alias_is_a_one_line_error_before_any_server_starts(registered):
     (["--port", "0"], "--port must be 1..65535"),
     (["--workers", "0"], "--workers must be >= 1"),
     (["--max_decoded_pixels", "0"], "--max_decoded_pixels must be >= 1"),
+    (["--max_queue", "0"], "--max_queue must be >= 1"),
     (["--api", "grpc"], "invalid choice: 'grpc'"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path):
@@ -184,13 +186,14 @@ def test_command_and_environment_point_mlflow_at_the_data_root(tmp_path, monkeyp
     monkeypatch.setenv("RISKVA_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RISKVA_MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("PATH", "/usr/bin")
-    config = ServeConfig(port=6123, workers=2)
+    config = ServeConfig(port=6123, workers=2, timeout=90)
     command = server_command(config)
-    assert command[:5] == [sys.executable, "-m", "mlflow", "models", "serve"]
-    assert command[command.index("-m", 3) + 1] == "models:/riskva@champion"
-    assert command[command.index("--env-manager") + 1] == "local"
-    assert command[command.index("-p") + 1] == "6123" and command[command.index("-w") + 1] == "2"
+    # MLflow's scoring app behind the body limit (scoring_app.py), under uvicorn like `mlflow models serve`.
+    assert command[:5] == [sys.executable, "-m", "uvicorn", "riskva_core.registry.scoring_app:app_from_env", "--factory"]
+    assert command[command.index("--port") + 1] == "6123" and command[command.index("--workers") + 1] == "2"
     env = server_env(config)
+    assert json.loads(env["RISKVA_SCORING_CONFIG"]) == {"model_uri": "models:/riskva@champion"}
+    assert env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] == "90"
     expected = f"sqlite:///{(tmp_path / 'home').resolve() / 'mlflow' / 'mlflow.db'}"
     assert env["MLFLOW_TRACKING_URI"] == expected and env["MLFLOW_REGISTRY_URI"] == expected
     # MLflow starts `uvicorn` by name: this venv's bin must come first.

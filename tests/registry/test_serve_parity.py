@@ -92,7 +92,8 @@ def servers(world, tmp_path_factory):
     with mlflow_srv, openai_srv:
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         mlflow_srv.wait_http(f"{urls[0]}/ping", timeout=300)
-        openai_srv.wait_http(f"{urls[1]}/health", timeout=300)
+        openai_srv.wait_http(f"{urls[1]}/health", timeout=120)  # liveness at once, while the model loads
+        openai_srv.wait_http(f"{urls[1]}/ready", timeout=300)
         yield {"mlflow": urls[0], "openai": urls[1], "mlflow_srv": mlflow_srv, "openai_srv": openai_srv}
 
 
