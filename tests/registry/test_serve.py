@@ -201,7 +201,7 @@ def test_command_and_environment_point_mlflow_at_the_data_root(tmp_path, monkeyp
     # --torch_dtype reaches the pyfunc's model_config; a local artifact folder is what MLflow loads.
     config = ServeConfig(torch_dtype="bfloat16", artifact_dir=str(tmp_path / "artifacts"))
     assert json.loads(server_env(config)["MLFLOW_PYFUNC_INFERENCE_CONFIG"]) == {"torch_dtype": "bfloat16"}
-    assert server_command(config)[server_command(config).index("-m", 3) + 1] == str(tmp_path / "artifacts")
+    assert json.loads(server_env(config)["RISKVA_SCORING_CONFIG"]) == {"model_uri": str(tmp_path / "artifacts")}
     with pytest.raises(RiskvaError, match="--torch_dtype float16 is refused"):
         ServeConfig(torch_dtype="float16")
     monkeypatch.setenv("RISKVA_MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
