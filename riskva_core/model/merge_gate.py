@@ -95,6 +95,9 @@ def probe_images(folders: list[Path], n: int = PROBE_SAMPLES) -> tuple[list[Imag
     return [fixed_image()], "merge_gate.fixed_image(224)"
 
 
+WIDE_CHUNK_BYTES = 256 << 20  # a linear layer larger than this (the 7B's lm_head: 2.2 GB in fp32) is widened in row blocks
+
+
 @contextlib.contextmanager
 def computed_in(model, dtype) -> Iterator[None]:
     """Every module with parameters of its own computes in ``dtype`` while the block runs.
@@ -102,12 +105,25 @@ def computed_in(model, dtype) -> Iterator[None]:
     Its parameters are widened just before its forward and put back just after (bf16 → fp32 →
     bf16 is exact), and its floating inputs are widened, so activations flow in ``dtype`` from
     the embedding on. Only one module's widened weights exist at a time; an embedding is not
-    widened at all (a lookup does not round, its output is widened instead).
+    widened at all (a lookup does not round, its output is widened instead), and a linear layer
+    over WIDE_CHUNK_BYTES is computed a block of output rows at a time.
     """
     import torch
+    import torch.nn.functional as F
 
     def widen(x):
         return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
+
+    def blockwise(module):
+        w, b = module.weight, module.bias
+        rows = max(1, WIDE_CHUNK_BYTES // (w.shape[1] * torch.finfo(dtype).bits // 8))
+
+        def forward(x):
+            x = widen(x)
+            out = [F.linear(x, w[i:i + rows].to(dtype), None if b is None else b[i:i + rows].to(dtype))
+                   for i in range(0, w.shape[0], rows)]
+            return torch.cat(out, dim=-1)
+        return forward
 
     saved: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -124,9 +140,14 @@ def computed_in(model, dtype) -> Iterator[None]:
             getattr(module, name).data = data
         return widen(output) if torch.is_tensor(output) else output
 
-    handles = []
+    handles, patched = [], []
     for m in model.modules():
-        if next(m.parameters(recurse=False), None) is not None:
+        if next(m.parameters(recurse=False), None) is None:
+            continue
+        if isinstance(m, torch.nn.Linear) and m.weight.numel() * torch.finfo(dtype).bits // 8 > WIDE_CHUNK_BYTES:
+            m.forward = blockwise(m)  # an instance attribute: removed below, the class's forward returns
+            patched.append(m)
+        else:
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(m.register_forward_hook(post))
     try:
@@ -134,6 +155,8 @@ def computed_in(model, dtype) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+        for m in patched:
+            del m.forward
 
 
 def wider(dtype):
