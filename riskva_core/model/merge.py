@@ -18,11 +18,11 @@ there is one. In order, never two copies of the model and never a whole fp32 one
    how much of its update ``B·A·scale`` survived the cast (``layers.<name>.kept``); layers that
    kept less than half are a WARNING in ``merge_report.json``, not a refusal (``--max_update_error``
    makes them one again);
-3. run the merged model on the same inputs: its logits must be within ``NOISE_FACTOR`` x that
-   noise of base + adapter's and its greedy answer the same. A merged model that answers like the
-   base where base + adapter does not (the adapter's effect lost in the cast) is refused, as is
-   any other disagreement: exit code 3, one line, nothing written;
-4. save, free, reload the SAVED folder with plain transformers (no peft) and check it the same way.
+3. save, free, reload the SAVED folder with plain transformers (no peft) and run it on the same
+   inputs: its logits must be within ``NOISE_FACTOR`` x that noise of base + adapter's and its
+   greedy answer the same. A merged model that answers like the base where base + adapter does
+   not (the adapter's effect lost in the cast) is refused, as is any other disagreement: exit
+   code 3, one line, nothing written (the folder is swapped in only when all of this passed).
 
 The output holds the weights, the adapter's processor (so the training pixel policy carries over),
 image_policy.json, prompt_template.json, the training records (training_args.json, dataset.json,
@@ -176,7 +176,7 @@ def _gate_error(verdict: dict, report: dict, what: str) -> RiskvaError:
 
 
 def merge(cfg: MergeConfig) -> dict[str, Any]:
-    """Probe, merge, judge, save, verify the saved folder; returns the merge report."""
+    """Probe, merge, save, judge the saved folder; returns the merge report."""
     import torch
 
     sources = cfg.sources
@@ -233,15 +233,10 @@ def merge(cfg: MergeConfig) -> dict[str, Any]:
                 f"merge refused: the LoRA update of {len(lost)} of {len(layers)} layers rounded away in {name} "
                 f"(kept < {1 - cfg.max_update_error:g}, --max_update_error {cfg.max_update_error:g}): {_names(lost)}; "
                 "nothing written", exit_code=3)
-    # 3. The merged model, judged before anything is written.
     merged_model = model.unload()  # weights already merged layer by layer; drops the LoRA wrappers
     del model
-    verdict = judge(ref, base, base_wide, probe.logits(merged_model), dtype, cfg.tolerance)
-    report.update(verdict)
-    if not verdict["equivalent"]:
-        raise _gate_error(verdict, report, "the merged model")
 
-    with atomic_dir(cfg.output_dir) as tmp:
+    with atomic_dir(cfg.output_dir) as tmp:  # removed unless the whole block succeeds: nothing written
         merged_model.save_pretrained(tmp, safe_serialization=True)
         del merged_model
         gc.collect()  # one model in memory at a time: the merged one goes before the saved one loads
@@ -250,15 +245,15 @@ def merge(cfg: MergeConfig) -> dict[str, Any]:
             src = _first_with(sources, fname)
             if src is not None:
                 shutil.copyfile(src / fname, tmp / fname)
-        # 4. The SAVED folder, loaded with plain transformers (no peft), judged the same way.
+        # 3. What ships is judged: the SAVED folder, loaded with plain transformers (no peft).
         reloaded = load(tmp)
         if any("lora_" in n for n, _ in reloaded.named_parameters()):
             raise RiskvaError("merged model still contains LoRA parameters")
-        saved = judge(ref, base, base_wide, probe.logits(reloaded), dtype, cfg.tolerance)
+        verdict = judge(ref, base, base_wide, probe.logits(reloaded), dtype, cfg.tolerance)
         del reloaded
-        report["reload_max_abs_logit_diff"] = saved["max_abs_logit_diff"]
-        if not saved["equivalent"]:
-            raise _gate_error(saved, report, "the saved model")
+        report.update(verdict)
+        if not verdict["equivalent"]:
+            raise _gate_error(verdict, report, "the merged model")
         report["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)
         write_json(tmp / "merge_report.json", report)
     return report

@@ -172,6 +172,8 @@ class Probe:
                  answer_tokens: int = ANSWER_TOKENS):
         import torch
 
+        from riskva_core.errors import RiskvaError
+
         self.batches: list[tuple[dict, int]] = []
         pad = processor.tokenizer.pad_token_id
         for image in images:
@@ -187,6 +189,8 @@ class Probe:
                 if k not in ("input_ids", "attention_mask") and v.dim() == 2 and v.shape == enc["input_ids"].shape:
                     full[k] = torch.cat([v, v.new_zeros((1, n_new))], dim=1)
             self.batches.append((full, n_new))
+        if not self.batches:
+            raise RiskvaError("merge probe: base+adapter answered nothing on the probe images")
         self.prompt_tokens = [int(b["input_ids"].shape[1] - n) for b, n in self.batches]
         self.answer_tokens = [n for _, n in self.batches]
 
