@@ -288,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     report = merge(MergeConfig(**vars(a)))
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
+    kept = "-" if report["min_kept"] is None else f"{report['min_kept']:.3g}"
     print(f"merged into {a.output_dir} ({report['dtype']}; max abs logit diff {report['max_abs_logit_diff']:.3g}, "
           f"tolerance {report['tolerance_abs']:.3g}; greedy answers agree at {report['answer_agreement']:.0%}; "
-          f"smallest LoRA update kept {report['min_kept']})")
+          f"smallest share of a layer's LoRA update kept {kept})")
     return 0
 
 
