@@ -8,6 +8,9 @@ ZeRO —, scheduler, data position, RNG of every rank incl. CUDA) and rotates th
   (an all-reduce), saves a checkpoint through Trainer and stops; the process exits 0.
 - ``EpochForAugment``: tells the dataset the epoch, so image flips are a pure function of
   (seed, epoch, index) and a resumed run replays the same views.
+- ``CheckpointExtras``: what a model needs besides weights (processor with the training pixel
+  budget, image_policy.json, prompt_template.json), written into every checkpoint as into
+  ``adapter/``, so that any ``checkpoint-N`` merges, infers and serves like the final adapter.
 - ``resolve_resume``: ``--resume_from_checkpoint auto`` = the newest complete checkpoint, if any.
 """
 from __future__ import annotations
@@ -100,6 +103,18 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class CheckpointExtras(TrainerCallback):
+    """After Trainer saves ``checkpoint-N`` (rank 0): the processor, image policy and prompt template."""
+
+    def __init__(self, write):
+        self.write = write  # folder -> None: outputs.write_model_extras bound to this run
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.write(folder)
 
 
 class EpochForAugment(TrainerCallback):

@@ -51,6 +51,17 @@ def prompt_template(data: DataArguments) -> tuple[PromptTemplate | None, dict | 
     return None, None
 
 
+def write_model_extras(folder: Path, processor, dataset_path: Path, template_dict: dict | None) -> None:
+    """What a model folder needs besides weights: the processor with its pixel budget, the image
+    policy and the prompt template. Written into ``adapter/`` and into every ``checkpoint-N``."""
+    from riskva_core.model.loading import save_processor
+
+    save_processor(processor, folder)
+    save_image_policy(dataset_path, folder)  # prepare's image steps, so serving repeats them
+    if template_dict is not None:
+        write_json(folder / "prompt_template.json", template_dict)
+
+
 def write_adapter(cfg: TrainConfig, trainer, processor, template_dict, final: dict) -> Path:
     """OUT/adapter: weights (safetensors), processor with pixel policy, args, metrics, dataset id.
 
@@ -59,7 +70,7 @@ def write_adapter(cfg: TrainConfig, trainer, processor, template_dict, final: di
     """
     from accelerate.utils import broadcast_object_list
 
-    from riskva_core.model.loading import pixel_budget, save_processor
+    from riskva_core.model.loading import pixel_budget
 
     target = cfg.output_dir / ("adapter" if cfg.trainable.use_lora else "model")
     main = trainer.is_world_process_zero()
@@ -71,10 +82,7 @@ def write_adapter(cfg: TrainConfig, trainer, processor, template_dict, final: di
         if main:
             folder = Path(tmp[0])
             budget = pixel_budget(processor)
-            save_processor(processor, folder)
-            save_image_policy(cfg.data.dataset_path, folder)  # prepare's image steps, so serving repeats them
-            if template_dict is not None:
-                write_json(folder / "prompt_template.json", template_dict)
+            write_model_extras(folder, processor, cfg.data.dataset_path, template_dict)
             write_json(folder / "training_args.json", {**cfg.to_dict(), "pixel_budget": budget,
                                                        "world_size": final["world_size"]})
             write_json(folder / "metrics.json", {"final": final, "history": trainer.state.log_history})

@@ -45,9 +45,9 @@ from transformers import Trainer
 from riskva_core.atomic import write_json
 from riskva_core.errors import RiskvaError
 from riskva_core.data.samples import detect_format, read_samples
-from riskva_core.train.checkpoint import PAUSE_ENV, EpochForAugment, StopOnSignal, resolve_resume
+from riskva_core.train.checkpoint import PAUSE_ENV, CheckpointExtras, EpochForAugment, StopOnSignal, resolve_resume
 from riskva_core.train.config import TrainConfig, config_from_args, init_cpu_ranks
-from riskva_core.train.outputs import prompt_template, write_adapter
+from riskva_core.train.outputs import prompt_template, write_adapter, write_model_extras
 from riskva_core.train.precision import keep_fp32_master
 from riskva_core.train.trainable import apply_trainable, param_groups, params_digest
 
@@ -147,7 +147,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
         f"held whole on this rank: {held:,}")
 
     stop = StopOnSignal(cfg.output_dir)
-    extra = [stop, EpochForAugment(train_ds), *(callbacks or [])]
+    extras = CheckpointExtras(lambda folder: write_model_extras(folder, processor, cfg.data.dataset_path, template_dict))
+    extra = [stop, EpochForAugment(train_ds), extras, *(callbacks or [])]
     if args.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
     trainer = RiskvaTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,

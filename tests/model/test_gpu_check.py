@@ -24,6 +24,10 @@ def test_dry_run_trains_with_the_7b_recipe_merges_infers_and_writes_one_json(tmp
     assert "--gradient_checkpointing True" in cmd and "--per_device_train_batch_size 2" in cmd
     assert train["tokens_per_s"] > 0 and train["seconds"] > 0 and train["anchor_ms_swift_7b_lora_gib"] == [20, 22]
     assert result["merge"]["seconds"] > 0 and result["merge"]["lora_layers"] > 0
+    # The default merge (no --max_update_error): judged by its outputs against the dtype's own noise.
+    merge = result["merge"]
+    assert merge["noise_abs_logit_diff"] > 0 and merge["max_abs_logit_diff"] <= merge["tolerance_abs"]
+    assert merge["answer_agreement"] == 1
     infer = result["infer"]["by_batch_size"]
     assert set(infer) == {"1", "8"} and all(v["tokens_per_s"] > 0 and v["images"] == 8 for v in infer.values())
     assert result["infer"]["speedup"] > 0

@@ -106,6 +106,11 @@ def test_zero2_single_process_trains_saves_and_reloads(env, zero2_run):
     assert list((out / "runs").rglob("events.out.tfevents.*"))
     # Trainer's rotation (--save_total_limit 2, the default) keeps the newest two.
     assert sorted(int(c.name.split("-")[1]) for c in out.glob("checkpoint-*")) == [4, 6]
+    # Each checkpoint carries what adapter/ does besides weights, so any checkpoint-N merges and serves.
+    for c in out.glob("checkpoint-*"):
+        assert json.loads((c / "processor_config.json").read_text())["image_processor"]["max_pixels"] == 3136
+        for f in ("image_policy.json", "prompt_template.json"):
+            assert (c / f).read_text() == (adapter / f).read_text()
     assert "eval_loss" in metrics["final"]  # the val split is evaluated at the end
 
     # Reloading the saved adapter gives back exactly the trained parameters.
