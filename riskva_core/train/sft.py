@@ -38,26 +38,69 @@ import os
 import sys
 from typing import Any
 
+import torch
 from transformers import Trainer
 
 from riskva_core.atomic import write_json
 from riskva_core.errors import RiskvaError
 from riskva_core.data.samples import detect_format, read_samples
 from riskva_core.train.checkpoint import PAUSE_ENV, EpochForAugment, StopOnSignal, resolve_resume
+from riskva_core.train.collate import IGNORE_INDEX
 from riskva_core.train.config import TrainConfig, config_from_args, init_cpu_ranks
 from riskva_core.train.outputs import prompt_template, write_adapter
-from riskva_core.train.trainable import apply_trainable, param_groups, params_digest
+from riskva_core.train.trainable import apply_trainable, param_groups, params_digest, trainable_state_dict
 
 DEBUG_HASH_ENV = "RISKVA_DEBUG_PARAM_HASH"  # each rank writes a hash of its trainable params
 __all__ = ["DEBUG_HASH_ENV", "PAUSE_ENV", "RiskvaTrainer", "main", "train"]
 
 
 class RiskvaTrainer(Trainer):
-    """Trainer whose optimizer gives the vision-language merger its own peak learning rate."""
+    """Trainer whose optimizer gives the vision-language merger its own peak learning rate, and
+    whose loss runs the 152k-word output layer only where there is a label (``loss_only_logits``)."""
+
+    # False gives plain Trainer's full-sequence logits (benchmarks/bench_train.py compares both).
+    loss_only_logits = True
 
     def __init__(self, *args, merger_lr: float | None = None, **kwargs):
         self.merger_lr = merger_lr
         super().__init__(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Adapters and checkpoints under DeepSpeed save only the trainable weights.
+
+        Upstream gathers the full state dict on every rank and PEFT then keeps the adapter keys
+        (train/trainable.py: trainable_state_dict). The checkpoint's DeepSpeed engine files
+        already leave frozen weights out: Trainer passes ``exclude_frozen_parameters=True`` for a
+        PEFT model. Full fine-tuning saves the whole model, so it stays upstream's.
+        """
+        from peft import PeftModel
+
+        if not (self.is_deepspeed_enabled and isinstance(self.model, PeftModel)):
+            return super().save_model(output_dir, _internal_call)
+        state = trainable_state_dict(self.model, keep=self.args.should_save)
+        self._save(output_dir or self.args.output_dir, state_dict=state)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss, with the LM head applied only at supervised positions.
+
+        Position t's logits predict label t+1, so the kept positions are where the shifted labels
+        are not -100: the prompt and ~1000 image tokens of a sample never reach the 3584 x 152064
+        head (about 1.3 GB of float32 logits + gradient per sample at the 7B). The model's own
+        loss path does the rest through two upstream forward arguments: ``logits_to_keep`` (a
+        boolean mask → the head sees only those hidden states) and ``shift_labels`` (the labels
+        already aligned with them). Same cross-entropy terms, same ``num_items_in_batch``
+        normalisation (Trainer counts it on the unshifted batch before this), same masking.
+        Not with Liger (its fused loss never materialises logits anyway) or a label smoother
+        (it reads full-shape logits).
+        """
+        labels = inputs.get("labels")
+        if (self.loss_only_logits and labels is not None and not self.args.use_liger_kernel
+                and self.label_smoother is None and self.compute_loss_func is None):
+            shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            keep = shifted != IGNORE_INDEX
+            inputs = {**inputs, "logits_to_keep": keep, "shift_labels": shifted[keep]}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
 
     def create_optimizer(self, model=None):
         if self.merger_lr is None or self.optimizer is not None:
