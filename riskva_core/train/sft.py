@@ -47,7 +47,7 @@ from riskva_core.data.samples import detect_format, read_samples
 from riskva_core.train.checkpoint import PAUSE_ENV, EpochForAugment, StopOnSignal, resolve_resume
 from riskva_core.train.collate import IGNORE_INDEX
 from riskva_core.train.config import TrainConfig, config_from_args, init_cpu_ranks
-from riskva_core.train.outputs import prompt_template, write_adapter
+from riskva_core.train.outputs import prompt_template, write_adapter, write_metrics
 from riskva_core.train.trainable import apply_trainable, param_groups, params_digest, trainable_state_dict
 
 DEBUG_HASH_ENV = "RISKVA_DEBUG_PARAM_HASH"  # each rank writes a hash of its trainable params
@@ -127,8 +127,10 @@ def _datasets(cfg: TrainConfig, processor, template, log):
     from riskva_core.train.collate import SFTDataset
 
     data, seed = cfg.data, cfg.args.seed
-    train_ds = SFTDataset(read_samples(data.dataset_path, "train"), processor, data.max_length, template,
-                          cache_images=data.cache_images, flip_seed=seed if data.augment_flip else None)
+    # lazy_images: each rank and worker reads a Parquet image when its sample is drawn, instead
+    # of holding every image's bytes (JSONL samples always read their image file on demand).
+    train_ds = SFTDataset(read_samples(data.dataset_path, "train", lazy_images=True), processor, data.max_length,
+                          template, cache_images=data.cache_images, flip_seed=seed if data.augment_flip else None)
     if train_ds.dropped:
         log(f"dropped {len(train_ds.dropped)} training samples longer than --max_length {data.max_length} "
             f"(longest {max(n for _, n in train_ds.dropped)} tokens)")
@@ -137,7 +139,8 @@ def _datasets(cfg: TrainConfig, processor, template, log):
     val_ds = None
     if data.dataset_path.is_dir():
         try:
-            val_ds = SFTDataset(read_samples(data.dataset_path, "val"), processor, data.max_length, template)
+            val_ds = SFTDataset(read_samples(data.dataset_path, "val", lazy_images=True), processor,
+                                data.max_length, template)
         except RiskvaError:
             val_ds = None
     return train_ds, (val_ds if val_ds is not None and len(val_ds) else None)
@@ -209,9 +212,6 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
         return {"interrupted": True, "step": step}
 
     final: dict[str, Any] = {"step": step, "total_steps": trainer.state.max_steps, **result.metrics}
-    if val_ds is not None:
-        final.update(trainer.evaluate())  # the kept (best or last) weights; even shards on every rank
-        log(f"final eval loss {final['eval_loss']:.4f}")
     final.update({
         "trainable_parameters": n_trainable,
         "total_parameters": n_total,
@@ -229,6 +229,16 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     target = write_adapter(cfg, trainer, processor, template_dict, final)  # every rank: ZeRO-3 gathers
     final["adapter_dir"] = str(target)
     log(f"wrote {target}")
+    if val_ds is not None:
+        # After the adapter is safe on disk: running out of memory here loses an eval, not the run.
+        # The kept (best or last) weights, at --per_device_eval_batch_size (default: the training
+        # batch); Trainer gives every rank even shards.
+        log(f"final evaluation of {len(val_ds)} samples, batch {args.per_device_eval_batch_size} per device")
+        final.update(trainer.evaluate())
+        log(f"final eval loss {final['eval_loss']:.4f}")
+        if main:
+            write_metrics(target, trainer, final)
+        trainer.accelerator.wait_for_everyone()
     return final
 
 

@@ -104,7 +104,9 @@ def test_seed_command_with_hugging_face_eval_save_and_best_model_flags(env):
     assert "world size 2" in p.stderr
     metrics = _adapter_ok(out)
     _same_as_upstream_save(out / "adapter", twins / "adapter")
-    for ckpt in out.glob("checkpoint-*"):
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert checkpoints
+    for ckpt in checkpoints:
         _engine_files_hold_only_trainable(ckpt, _same_as_upstream_save(ckpt, twins / ckpt.name))
     final, history = metrics["final"], metrics["history"]
     assert final["step"] == 4
