@@ -65,6 +65,13 @@ class RiskvaTrainer(Trainer):
         self.merger_lr = merger_lr
         super().__init__(*args, **kwargs)
 
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        return super()._get_train_sampler(_length_view(dataset, self.args))
+
+    def _get_eval_sampler(self, eval_dataset):
+        return super()._get_eval_sampler(_length_view(eval_dataset, self.args))
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Adapters and checkpoints under DeepSpeed save only the trainable weights.
 
@@ -111,6 +118,29 @@ class RiskvaTrainer(Trainer):
                               self.args.weight_decay, self.args.learning_rate, self.merger_lr)
         self.optimizer = cls(groups, **kwargs)
         return self.optimizer
+
+
+class _Lengths:
+    """What upstream's length-grouped samplers read from a dataset, without encoding a sample.
+
+    ``--train_sampling_strategy group_by_length|batch_rebalance`` takes lengths from a Hugging
+    Face ``datasets`` column or else encodes every sample once (every image) to measure it; an
+    SFTDataset already knows each sample's token count (computed from the image header)."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, idx: int) -> dict[str, range]:
+        return {"input_ids": range(self.lengths[idx])}
+
+
+def _length_view(dataset, args):
+    if args.train_sampling_strategy in ("group_by_length", "batch_rebalance") and hasattr(dataset, "lengths"):
+        return _Lengths(dataset.lengths)  # the sampler yields indices; the DataLoader reads `dataset`
+    return dataset
 
 
 def _set_threads() -> None:

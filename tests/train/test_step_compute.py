@@ -1,6 +1,6 @@
-"""Loss-only logits: the LM head runs only at supervised positions, and the loss and its
-gradients are what plain Trainer computes over full-sequence logits (tiny model and the 7B's
-real width, 152064-row head)."""
+"""Per-step compute: loss-only logits (the LM head runs only at supervised positions, and the loss
+and its gradients are what plain Trainer computes over full-sequence logits: tiny model and the
+7B's real width, 152064-row head) and length-grouped batches from the lengths the dataset knows."""
 from __future__ import annotations
 
 import os
@@ -67,9 +67,15 @@ def _assert_same(trainer, batch, rtol: float, atol: float) -> None:
             torch.testing.assert_close(g_kept[name], g_full[name], rtol=rtol, atol=atol, msg=name)
 
 
-def test_loss_only_logits_match_full_logits_on_the_tiny_model(tmp_path):
-    data = make_prepared_dataset(tmp_path / "data", 8)
-    model_dir = make_tiny_model(tmp_path / "model", data)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("step")
+    data = make_prepared_dataset(root / "data", 12)
+    return data, make_tiny_model(root / "model", data)
+
+
+def test_loss_only_logits_match_full_logits_on_the_tiny_model(tiny, tmp_path):
+    data, model_dir = tiny
     _assert_same(_trainer(model_dir, tmp_path), _batch(data, model_dir), rtol=1e-5, atol=1e-6)
 
 
@@ -79,3 +85,34 @@ def test_loss_only_logits_match_full_logits_at_the_7b_real_width(tmp_path):
     data = make_prepared_dataset(tmp_path / "data", 8, image_size=56)
     model_dir = make_tiny_model(tmp_path / "model", data, size="real-width")
     _assert_same(_trainer(model_dir, tmp_path, dtype="float32"), _batch(data, model_dir, n=2), rtol=1e-4, atol=1e-5)
+
+
+def test_length_grouped_samplers_use_the_known_lengths_without_encoding(tiny, tmp_path):
+    from transformers import TrainingArguments
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    data, model_dir = tiny
+    processor = load_processor(model_dir, min_pixels=28 * 28, max_pixels=56 * 56)
+
+    class Counted(SFTDataset):
+        encoded = 0
+
+        def __getitem__(self, idx):
+            Counted.encoded += 1
+            return super().__getitem__(idx)
+
+    ds = Counted(read_samples(data, "train"), processor, max_length=4096)
+    ds.lengths = [len(ds.lengths) * 10 - 10 * i for i in range(len(ds))]  # distinct, descending
+    model = load_model(model_dir, device="cpu")
+    for strategy in ("group_by_length", "batch_rebalance", "random"):
+        args = TrainingArguments(output_dir=str(tmp_path / strategy), use_cpu=True, report_to="none",
+                                 per_device_train_batch_size=2, train_sampling_strategy=strategy)
+        trainer = RiskvaTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ds)
+        sampler = trainer._get_train_sampler()
+        order = [i for b in sampler for i in (b if isinstance(b, list) else [b])]  # batch_rebalance: batches
+        assert sorted(order) == list(range(len(ds)))
+        if strategy == "group_by_length":
+            assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == ds.lengths
+            assert next(iter(sampler)) == 0  # the longest sample comes first (upstream's OOM-early rule)
+            assert sorted(trainer._get_eval_sampler(ds)) == list(range(len(ds)))
+    assert Counted.encoded == 0
