@@ -143,6 +143,17 @@ def _length_view(dataset, args):
     return dataset
 
 
+def _check_liger() -> None:
+    """``--use_liger_kernel`` (upstream's flag) patches in Liger's Triton kernels: GPU only."""
+    import torch
+    from transformers.utils import import_utils
+
+    if not import_utils.is_liger_kernel_available():
+        raise RiskvaError("--use_liger_kernel needs the liger-kernel package (pip install liger-kernel; GPU only)")
+    if not torch.cuda.is_available():
+        raise RiskvaError("--use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton); leave it off on CPU")
+
+
 def _set_threads() -> None:
     """CPU ranks share the cores: without this each would start one thread per core."""
     import torch
@@ -191,6 +202,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
 
     args = cfg.args
     main = args.process_index == 0
+    if args.use_liger_kernel:
+        _check_liger()
 
     def log(msg: str) -> None:
         if main:

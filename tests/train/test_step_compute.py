@@ -116,3 +116,21 @@ def test_length_grouped_samplers_use_the_known_lengths_without_encoding(tiny, tm
             assert next(iter(sampler)) == 0  # the longest sample comes first (upstream's OOM-early rule)
             assert sorted(trainer._get_eval_sampler(ds)) == list(range(len(ds)))
     assert Counted.encoded == 0
+
+
+def test_liger_flag_is_refused_in_one_line_where_it_cannot_run(tiny, tmp_path, monkeypatch):
+    """Upstream's --use_liger_kernel: GPU-only Triton kernels, not installed on this machine."""
+    from transformers.utils import import_utils
+
+    from riskva_core.errors import RiskvaError
+    from riskva_core.train.config import config_from_args
+    from riskva_core.train.sft import train
+
+    data, model_dir = tiny
+    argv = ["--model_name_or_path", str(model_dir), "--dataset_path", str(data), "--output_dir", str(tmp_path),
+            "--use_liger_kernel", "True"]
+    with pytest.raises(RiskvaError, match="liger-kernel package"):
+        train(config_from_args(argv))
+    monkeypatch.setattr(import_utils, "is_liger_kernel_available", lambda: True)  # installed, but no GPU here
+    with pytest.raises(RiskvaError, match="needs a CUDA GPU"):
+        train(config_from_args(argv))
