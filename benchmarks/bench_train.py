@@ -98,6 +98,18 @@ class PeakMemory:
         return (self.peak - self.base) / 1e9
 
 
+def _profile(on: bool):
+    import contextlib
+
+    import torch
+
+    if not on:
+        return contextlib.nullcontext()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    acts += [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    return torch.profiler.profile(activities=acts)
+
+
 def real_width(a: argparse.Namespace) -> int:
     """One LORA_7B step at the 7B's width, full-sequence vs loss-only logits, in one process."""
     import torch
@@ -141,8 +153,10 @@ def real_width(a: argparse.Namespace) -> int:
             trainer = RiskvaTrainer(model=model, args=cfg.args, train_dataset=ds,
                                     data_collator=Collator(processor.tokenizer.pad_token_id))
             trainer.loss_only_logits = loss_only
-            with PeakMemory() as mem:
+            with PeakMemory() as mem, _profile(a.profile and loss_only) as prof:
                 result = trainer.train()
+            if prof is not None:  # where the loss-only step's time goes, by operator
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
             rows.append((loss_only, mem.above_base_gb, result.metrics["train_samples_per_second"],
                          result.metrics["train_loss"]))
 
@@ -180,6 +194,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, help="--real_width: an existing real-width model folder (default: build)")
     ap.add_argument("--image_tokens", type=int, default=1000, help="--real_width: image tokens per photo (max_pixels)")
     ap.add_argument("--batch", type=int, default=2, help="--real_width: samples in the step (default 2)")
+    ap.add_argument("--profile", action="store_true", help="--real_width: torch.profiler table of the loss-only step")
     a = ap.parse_args()
     if a.real_width:
         return real_width(a)
