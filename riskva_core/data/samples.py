@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import io
 import json
 from pathlib import Path
@@ -47,6 +48,29 @@ SCHEMA_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
+class ParquetImage:
+    """Where one Parquet row's image is: read on demand, so a training dataset (on every rank and
+    DataLoader worker) holds row positions instead of every image's bytes."""
+
+    path: Path
+    row_group: int
+    row: int  # within the row group
+
+    def read(self, where: str) -> bytes:
+        group = _row_group_images(self.path, self.row_group)
+        return _image_bytes(group[self.row].as_py(), where)
+
+
+@functools.lru_cache(maxsize=2)
+def _row_group_images(path: Path, row_group: int):
+    """One row group's image column, kept while its rows are read (sequential passes read each
+    group once; a shuffled epoch re-reads a group, ``--row_group_size`` rows, per sample)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).read_row_group(row_group, columns=["image"]).column("image")
+
+
+@dataclasses.dataclass(frozen=True)
 class Sample:
     id: str
     image_id: str
@@ -57,11 +81,15 @@ class Sample:
     image_file: Path | None = None
     split: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    image_ref: ParquetImage | None = None  # lazy Parquet image (read_samples(..., lazy_images=True))
 
     def image_data(self) -> bytes:
         """The stored (encoded) image bytes, from the Parquet column or the JSONL image file."""
         if self.image_bytes is not None:
             return self.image_bytes
+        if self.image_ref is not None:
+            return self.image_ref.read(f"{self.image_ref.path} row group {self.image_ref.row_group} "
+                                       f"row {self.image_ref.row} (sample {self.id})")
         if self.image_file is not None:
             try:
                 return self.image_file.read_bytes()
@@ -133,21 +161,23 @@ def split_file(dataset_path: str | Path, split: str) -> Path:
     return f
 
 
-def iter_samples(dataset_path: str | Path, split: str = "train") -> Iterator[Sample]:
+def iter_samples(dataset_path: str | Path, split: str = "train", lazy_images: bool = False) -> Iterator[Sample]:
     """Stream the samples of one split (or of a single .jsonl/.parquet file) in file order.
 
     Parquet is read a row group at a time, so a preview of a multi-gigabyte file stays cheap.
+    ``lazy_images``: Parquet samples carry an ``image_ref`` instead of their bytes (JSONL samples
+    always read their image file on demand).
     """
     f = split_file(dataset_path, split)
     split_name = f.stem if f.stem in SPLITS else None
     if detect_format(f) == "jsonl":
         return _read_jsonl(f, split_name)
-    return _read_parquet(f, split_name)
+    return _read_parquet(f, split_name, lazy_images)
 
 
-def read_samples(dataset_path: str | Path, split: str = "train") -> list[Sample]:
+def read_samples(dataset_path: str | Path, split: str = "train", lazy_images: bool = False) -> list[Sample]:
     """All samples of one split of a prepared folder, or of a single .jsonl/.parquet file."""
-    return list(iter_samples(dataset_path, split))
+    return list(iter_samples(dataset_path, split, lazy_images))
 
 
 def _fields(row: dict[str, Any]) -> dict[str, str]:
@@ -193,7 +223,17 @@ def _image_bytes(value: Any, where: str) -> bytes:
     raise RiskvaError(f"{where}: image column has no bytes")
 
 
-def _read_parquet(path: Path, split: str | None) -> Iterator[Sample]:
+def _parquet_rows(pf, path: Path, lazy_images: bool) -> Iterator[dict[str, Any]]:
+    """Rows a row group at a time; lazily, without the image column and with its position."""
+    columns = [c for c in pf.schema_arrow.names if c != "image"] if lazy_images else None
+    for g in range(pf.num_row_groups):
+        for j, row in enumerate(pf.read_row_group(g, columns=columns).to_pylist()):
+            if lazy_images:
+                row["image"] = ParquetImage(path, g, j)
+            yield row
+
+
+def _read_parquet(path: Path, split: str | None, lazy_images: bool = False) -> Iterator[Sample]:
     import pyarrow.parquet as pq
 
     try:
@@ -202,9 +242,9 @@ def _read_parquet(path: Path, split: str | None) -> Iterator[Sample]:
         raise RiskvaError(f"{path}: cannot read Parquet ({exc})") from None
     if "image" not in pf.schema_arrow.names:
         raise RiskvaError(f"{path}: no 'image' column")
-    rows = (row for batch in pf.iter_batches() for row in batch.to_pylist())
-    for i, row in enumerate(rows):
+    for i, row in enumerate(_parquet_rows(pf, path.resolve(), lazy_images)):
         where = f"{path} row {i}"
+        lazy = row["image"] if lazy_images else None
         messages = row.get("messages")
         if isinstance(messages, str):
             messages = json.loads(messages)
@@ -217,7 +257,8 @@ def _read_parquet(path: Path, split: str | None) -> Iterator[Sample]:
             image_path=str(row.get("image_path", "")),
             fields=_fields(row),
             messages=from_plain(messages or []),
-            image_bytes=_image_bytes(row["image"], where),
+            image_bytes=None if lazy else _image_bytes(row["image"], where),
             split=split,
             extra=extra or {},
+            image_ref=lazy,
         )

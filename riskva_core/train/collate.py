@@ -92,14 +92,12 @@ def sample_messages(sample: Sample, template: PromptTemplate | None) -> list[dic
 def image_size(sample: Sample) -> tuple[int, int]:
     """(height, width) from the image header only; the pixels are not decoded."""
     try:
-        if sample.image_bytes is not None:
-            with Image.open(io.BytesIO(sample.image_bytes)) as im:
-                w, h = im.size
-        elif sample.image_file is not None:
+        if sample.image_file is not None and sample.image_bytes is None:
             with Image.open(sample.image_file) as im:
                 w, h = im.size
-        else:
-            raise RiskvaError(f"sample {sample.id}: has no image")
+        else:  # Parquet: the bytes in the sample, or read from the file's row group (lazy)
+            with Image.open(io.BytesIO(sample.image_data())) as im:
+                w, h = im.size
     except (OSError, Image.DecompressionBombError) as exc:
         raise RiskvaError(f"sample {sample.id}: cannot read image header ({exc})") from None
     return h, w

@@ -230,6 +230,9 @@ class RiskvaTrainingArguments(TrainingArguments):
     output_dir: str = dataclasses.field(
         default=None, metadata={"help": "run folder: checkpoint-N/, runs/ (TensorBoard), adapter/ (the result)"})
     per_device_train_batch_size: int = 2
+    per_device_eval_batch_size: int | None = dataclasses.field(
+        default=None, metadata={"help": "evaluation batch per device (default: --per_device_train_batch_size; "
+                                        "Trainer's 8 can run out of memory at the end of a 7B run)"})
     gradient_accumulation_steps: int = 8
     num_train_epochs: float = 3.0
     learning_rate: float = 5e-6
@@ -255,6 +258,8 @@ class RiskvaTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise RiskvaError("--output_dir is required")
+        if self.per_device_eval_batch_size is None:
+            self.per_device_eval_batch_size = self.per_device_train_batch_size
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
                 raise RiskvaError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -62,6 +62,11 @@ def write_model_extras(folder: Path, processor, dataset_path: Path, template_dic
         write_json(folder / "prompt_template.json", template_dict)
 
 
+def write_metrics(folder: Path, trainer, final: dict) -> None:
+    """metrics.json: the final figures and Trainer's log history (rank 0 calls it)."""
+    write_json(Path(folder) / "metrics.json", {"final": final, "history": trainer.state.log_history})
+
+
 def write_adapter(cfg: TrainConfig, trainer, processor, template_dict, final: dict) -> Path:
     """OUT/adapter: weights (safetensors), processor with pixel policy, args, metrics, dataset id.
 
@@ -85,7 +90,7 @@ def write_adapter(cfg: TrainConfig, trainer, processor, template_dict, final: di
             write_model_extras(folder, processor, cfg.data.dataset_path, template_dict)
             write_json(folder / "training_args.json", {**cfg.to_dict(), "pixel_budget": budget,
                                                        "world_size": final["world_size"]})
-            write_json(folder / "metrics.json", {"final": final, "history": trainer.state.log_history})
+            write_metrics(folder, trainer, final)
             write_json(folder / "dataset.json", {
                 "dataset_path": str(cfg.data.dataset_path), "format": detect_format(cfg.data.dataset_path),
                 "fingerprint": dataset_fingerprint(cfg.data.dataset_path),

@@ -40,27 +40,77 @@ import os
 import sys
 from typing import Any
 
+import torch
 from transformers import Trainer
 
 from riskva_core.atomic import write_json
 from riskva_core.errors import RiskvaError
 from riskva_core.data.samples import detect_format, read_samples
 from riskva_core.train.checkpoint import PAUSE_ENV, CheckpointExtras, EpochForAugment, StopOnSignal, resolve_resume
+from riskva_core.train.collate import IGNORE_INDEX
 from riskva_core.train.config import TrainConfig, config_from_args, init_cpu_ranks
-from riskva_core.train.outputs import prompt_template, write_adapter, write_model_extras
+from riskva_core.train.outputs import prompt_template, write_adapter, write_metrics, write_model_extras
 from riskva_core.train.precision import keep_fp32_master
-from riskva_core.train.trainable import apply_trainable, param_groups, params_digest
+from riskva_core.train.trainable import apply_trainable, param_groups, params_digest, trainable_state_dict
 
 DEBUG_HASH_ENV = "RISKVA_DEBUG_PARAM_HASH"  # each rank writes a hash of its trainable params
 __all__ = ["DEBUG_HASH_ENV", "PAUSE_ENV", "RiskvaTrainer", "main", "train"]
 
 
 class RiskvaTrainer(Trainer):
-    """Trainer whose optimizer gives the vision-language merger its own peak learning rate."""
+    """Trainer whose optimizer gives the vision-language merger its own peak learning rate, and
+    whose loss runs the 152k-word output layer only where there is a label (``loss_only_logits``)."""
+
+    # False gives plain Trainer's full-sequence logits (benchmarks/bench_train.py compares both).
+    loss_only_logits = True
 
     def __init__(self, *args, merger_lr: float | None = None, **kwargs):
         self.merger_lr = merger_lr
         super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        return super()._get_train_sampler(_length_view(dataset, self.args))
+
+    def _get_eval_sampler(self, eval_dataset):
+        return super()._get_eval_sampler(_length_view(eval_dataset, self.args))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Adapters and checkpoints under DeepSpeed save only the trainable weights.
+
+        Upstream gathers the full state dict on every rank and PEFT then keeps the adapter keys
+        (train/trainable.py: trainable_state_dict). The checkpoint's DeepSpeed engine files
+        already leave frozen weights out: Trainer passes ``exclude_frozen_parameters=True`` for a
+        PEFT model. Full fine-tuning saves the whole model, so it stays upstream's.
+        """
+        from peft import PeftModel
+
+        if not (self.is_deepspeed_enabled and isinstance(self.model, PeftModel)):
+            return super().save_model(output_dir, _internal_call)
+        state = trainable_state_dict(self.model, keep=self.args.should_save)
+        self._save(output_dir or self.args.output_dir, state_dict=state)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss, with the LM head applied only at supervised positions.
+
+        Position t's logits predict label t+1, so the kept positions are where the shifted labels
+        are not -100: the prompt and ~1000 image tokens of a sample never reach the 3584 x 152064
+        head (about 1.3 GB of float32 logits + gradient per sample at the 7B). The model's own
+        loss path does the rest through two upstream forward arguments: ``logits_to_keep`` (a
+        boolean mask → the head sees only those hidden states) and ``shift_labels`` (the labels
+        already aligned with them). Same cross-entropy terms, same ``num_items_in_batch``
+        normalisation (Trainer counts it on the unshifted batch before this), same masking.
+        Not with Liger (its fused loss never materialises logits anyway) or a label smoother
+        (it reads full-shape logits).
+        """
+        labels = inputs.get("labels")
+        if (self.loss_only_logits and labels is not None and not self.args.use_liger_kernel
+                and self.label_smoother is None and self.compute_loss_func is None):
+            shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            keep = shifted != IGNORE_INDEX
+            inputs = {**inputs, "logits_to_keep": keep, "shift_labels": shifted[keep]}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
 
     def create_optimizer(self, model=None):
         if self.merger_lr is None or self.optimizer is not None:
@@ -71,6 +121,40 @@ class RiskvaTrainer(Trainer):
                               self.args.weight_decay, self.args.learning_rate, self.merger_lr)
         self.optimizer = cls(groups, **kwargs)
         return self.optimizer
+
+
+class _Lengths:
+    """What upstream's length-grouped samplers read from a dataset, without encoding a sample.
+
+    ``--train_sampling_strategy group_by_length|batch_rebalance`` takes lengths from a Hugging
+    Face ``datasets`` column or else encodes every sample once (every image) to measure it; an
+    SFTDataset already knows each sample's token count (computed from the image header)."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, idx: int) -> dict[str, range]:
+        return {"input_ids": range(self.lengths[idx])}
+
+
+def _length_view(dataset, args):
+    if args.train_sampling_strategy in ("group_by_length", "batch_rebalance") and hasattr(dataset, "lengths"):
+        return _Lengths(dataset.lengths)  # the sampler yields indices; the DataLoader reads `dataset`
+    return dataset
+
+
+def _check_liger() -> None:
+    """``--use_liger_kernel`` (upstream's flag) patches in Liger's Triton kernels: GPU only."""
+    import torch
+    from transformers.utils import import_utils
+
+    if not import_utils.is_liger_kernel_available():
+        raise RiskvaError("--use_liger_kernel needs the liger-kernel package (pip install liger-kernel; GPU only)")
+    if not torch.cuda.is_available():
+        raise RiskvaError("--use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton); leave it off on CPU")
 
 
 def _set_threads() -> None:
@@ -87,8 +171,10 @@ def _datasets(cfg: TrainConfig, processor, template, log):
     from riskva_core.train.collate import SFTDataset
 
     data, seed = cfg.data, cfg.args.seed
-    train_ds = SFTDataset(read_samples(data.dataset_path, "train"), processor, data.max_length, template,
-                          cache_images=data.cache_images, flip_seed=seed if data.augment_flip else None)
+    # lazy_images: each rank and worker reads a Parquet image when its sample is drawn, instead
+    # of holding every image's bytes (JSONL samples always read their image file on demand).
+    train_ds = SFTDataset(read_samples(data.dataset_path, "train", lazy_images=True), processor, data.max_length,
+                          template, cache_images=data.cache_images, flip_seed=seed if data.augment_flip else None)
     if train_ds.dropped:
         log(f"dropped {len(train_ds.dropped)} training samples longer than --max_length {data.max_length} "
             f"(longest {max(n for _, n in train_ds.dropped)} tokens)")
@@ -97,7 +183,8 @@ def _datasets(cfg: TrainConfig, processor, template, log):
     val_ds = None
     if data.dataset_path.is_dir():
         try:
-            val_ds = SFTDataset(read_samples(data.dataset_path, "val"), processor, data.max_length, template)
+            val_ds = SFTDataset(read_samples(data.dataset_path, "val", lazy_images=True), processor,
+                                data.max_length, template)
         except RiskvaError:
             val_ds = None
     return train_ds, (val_ds if val_ds is not None and len(val_ds) else None)
@@ -118,6 +205,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
 
     args = cfg.args
     main = args.process_index == 0
+    if args.use_liger_kernel:
+        _check_liger()
 
     def log(msg: str) -> None:
         if main:
@@ -172,9 +261,6 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
         return {"interrupted": True, "step": step}
 
     final: dict[str, Any] = {"step": step, "total_steps": trainer.state.max_steps, **result.metrics}
-    if val_ds is not None:
-        final.update(trainer.evaluate())  # the kept (best or last) weights; even shards on every rank
-        log(f"final eval loss {final['eval_loss']:.4f}")
     final.update({
         "trainable_parameters": n_trainable,
         "total_parameters": n_total,
@@ -192,6 +278,16 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     target = write_adapter(cfg, trainer, processor, template_dict, final)  # every rank: ZeRO-3 gathers
     final["adapter_dir"] = str(target)
     log(f"wrote {target}")
+    if val_ds is not None:
+        # After the adapter is safe on disk: running out of memory here loses an eval, not the run.
+        # The kept (best or last) weights, at --per_device_eval_batch_size (default: the training
+        # batch); Trainer gives every rank even shards.
+        log(f"final evaluation of {len(val_ds)} samples, batch {args.per_device_eval_batch_size} per device")
+        final.update(trainer.evaluate())
+        log(f"final eval loss {final['eval_loss']:.4f}")
+        if main:
+            write_metrics(target, trainer, final)
+        trainer.accelerator.wait_for_everyone()
     return final
 
 

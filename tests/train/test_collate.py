@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import pytest
 import torch
@@ -82,14 +83,22 @@ def test_batch_padding_and_parquet_gives_the_same_first_batch(env):
     root, data, processor = env
     pq_dir = make_parquet_twin(data, root / "parquet")
     collate = Collator(pad_id=processor.tokenizer.pad_token_id)
-    batches = []
-    for folder in (data, pq_dir):
-        ds = SFTDataset(read_samples(folder, "train"), processor, max_length=4096)
+    batches, datasets = [], []
+    for folder, lazy in ((data, False), (pq_dir, False), (pq_dir, True)):
+        ds = SFTDataset(read_samples(folder, "train", lazy_images=lazy), processor, max_length=4096)
+        datasets.append(ds)
         batches.append(collate([ds[0], ds[1], ds[2]]))
-    a, b = batches
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    a = batches[0]
+    for b in batches[1:]:
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    # The lazy Parquet dataset (what training uses) holds row positions, never image bytes.
+    eager, lazy = datasets[1:]
+    assert all(s.image_bytes for s in eager.samples) and lazy.lengths == eager.lengths
+    assert all(s.image_bytes is None and s.image_ref is not None for s in lazy.samples)
+    held = len(pickle.dumps(lazy.samples))
+    assert held < len(pickle.dumps(eager.samples)) - sum(len(s.image_bytes) for s in eager.samples) + 1000
     n = a["attention_mask"].sum(1)
     assert a["input_ids"].shape[1] == int(n.max())
     short = int(n.argmin())

@@ -18,6 +18,7 @@ from model_fixtures import make_prepared_dataset, make_tiny_model
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
+TWIN = Path(__file__).with_name("upstream_save_twin.py")
 SEED_FLAGS = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8", "--num_train_epochs", "3",
               "--learning_rate", "5e-6", "--bf16", "--gradient_checkpointing", "--use_lora", "True"]
 HF_FLAGS = ["--max_steps", "4", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1", "--eval_strategy", "steps",
@@ -34,10 +35,16 @@ def env(tmp_path_factory):
     return root, data, make_tiny_model(root / "model", data)
 
 
-def _launch(config: str, n: int, args: list[str], *launch_extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _launch(config: str, n: int, args: list[str], *launch_extra: str, timeout: int = 600,
+            upstream_saves: Path | None = None) -> subprocess.CompletedProcess:
+    """``upstream_saves``: run tests/train/upstream_save_twin.py, which also saves each adapter and
+    checkpoint the upstream way (full state-dict gather) into that folder, for comparison."""
+    entry = [str(TWIN)] if upstream_saves else ["-m", "riskva_core.train"]
     cmd = [str(ACCELERATE), "launch", "--config_file", str(REPO / config), "--num_processes", str(n),
-           "--main_process_port", str(29700 + os.getpid() % 200 + n), *launch_extra, "-m", "riskva_core.train", *args]
+           "--main_process_port", str(29700 + os.getpid() % 200 + n), *launch_extra, *entry, *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if upstream_saves:
+        env["RISKVA_UPSTREAM_SAVES"] = str(upstream_saves)
     env.pop("MLFLOW_TRACKING_URI", None)
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -57,6 +64,28 @@ def _adapter_ok(out: Path) -> dict:
     return json.loads((out / "adapter" / "metrics.json").read_text())
 
 
+def _same_as_upstream_save(ours: Path, upstream: Path) -> dict:
+    """The trainable-only save wrote exactly what upstream's full gather wrote (keys, dtypes, values)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (ours, upstream))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    return a
+
+
+def _engine_files_hold_only_trainable(checkpoint: Path, adapter: dict) -> None:
+    """DeepSpeed's own checkpoint files: frozen base weights left out (exclude_frozen_parameters)."""
+    import torch
+
+    (states,) = checkpoint.glob("global_step*/mp_rank_00_model_states.pt")
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    assert module and all("lora_" in k or "modules_to_save" in k for k in module), sorted(module)[:5]
+    assert sum(t.numel() for t in module.values()) == sum(t.numel() for t in adapter.values())
+
+
 def test_seed_readme_command_on_two_cpu_ranks(env):
     root, data, model = env
     out, paths = _paths(root, data, model, "seed")
@@ -70,9 +99,15 @@ def test_seed_readme_command_on_two_cpu_ranks(env):
 def test_seed_command_with_hugging_face_eval_save_and_best_model_flags(env):
     root, data, model = env
     out, paths = _paths(root, data, model, "seed_hf")
-    p = _launch("configs/deepspeed_zero2.yaml", 2, paths + SEED_FLAGS + HF_FLAGS + SMALL)
+    twins = root / "seed_hf_upstream"
+    p = _launch("configs/deepspeed_zero2.yaml", 2, paths + SEED_FLAGS + HF_FLAGS + SMALL, upstream_saves=twins)
     assert "world size 2" in p.stderr
     metrics = _adapter_ok(out)
+    _same_as_upstream_save(out / "adapter", twins / "adapter")
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert checkpoints
+    for ckpt in checkpoints:
+        _engine_files_hold_only_trainable(ckpt, _same_as_upstream_save(ckpt, twins / ckpt.name))
     final, history = metrics["final"], metrics["history"]
     assert final["step"] == 4
     assert [h["step"] for h in history if "eval_loss" in h][:2] == [2, 4]
@@ -97,9 +132,13 @@ def test_zero3_three_cpu_ranks_partitioned_weights_uneven_eval_finishes(env, tmp
                                  "--per_device_eval_batch_size", "1", "--learning_rate", "1e-3", "--lora_r", "4",
                                  "--lora_alpha", "8", "--train_lm_head", "True", "--save_steps", "0",
                                  "--report_to", "none"],
-                "--deepspeed_config_file", str(tmp_path / "ds_zero3_p0.json"), timeout=400)
+                "--deepspeed_config_file", str(tmp_path / "ds_zero3_p0.json"), timeout=400,
+                upstream_saves=tmp_path / "upstream")
     assert "world size 3 (DeepSpeed ZeRO-3)" in p.stderr
     metrics = _adapter_ok(out)
+    # Every matrix was partitioned: the trainable-only save gathered them, as upstream's did.
+    adapter = _same_as_upstream_save(out / "adapter", tmp_path / "upstream" / "adapter")
+    assert any("lm_head" in k for k in adapter)
     assert metrics["final"]["step"] == 2 and metrics["final"]["eval_loss"] > 0
     assert [h["step"] for h in metrics["history"] if "eval_loss" in h][:2] == [1, 2]
     # Counted in full although every rank holds a third of each matrix (ds_numel).

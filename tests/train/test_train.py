@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from model_fixtures import make_prepared_dataset, make_tiny_model
+from riskva_core.data.samples import read_samples
 from riskva_core.errors import RiskvaError
 from riskva_core.train.config import TrainableArguments, build_parser, config_from_args
 from riskva_core.train.sft import DEBUG_HASH_ENV, PAUSE_ENV, train
@@ -335,3 +336,31 @@ def test_early_stopping_and_best_checkpoint(env):
     evals = [h["eval_loss"] for h in json.loads((out / "adapter" / "metrics.json").read_text())["history"]
              if "eval_loss" in h]
     assert evals[1] < evals[0] and result["eval_loss"] == pytest.approx(evals[0])  # the kept weights are step 1's
+
+
+def test_final_eval_runs_after_the_adapter_is_written_at_the_training_batch(env):
+    """An out-of-memory final evaluation can no longer lose the run: the adapter is on disk first,
+    and the batch is the training one (Trainer's default 8 only if asked for)."""
+    from transformers import TrainerCallback
+
+    root, data, model = env
+    out = root / "final_eval"
+
+    class Probe(TrainerCallback):
+        seen: list = []
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            self.seen.append(("batch", (out / "adapter" / "adapter_model.safetensors").is_file()))
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.seen.append(("eval", (out / "adapter" / "adapter_model.safetensors").is_file()))
+
+    n_val = len(read_samples(data, "val"))
+    result = train(config_from_args(_args(model, data, out, max_steps=1, per_device_train_batch_size=2,
+                                          report_to="none", save_steps=0)), callbacks=[Probe()])
+    assert Probe.seen == [("batch", True)] * -(-n_val // 2) + [("eval", True)]
+    final = json.loads((out / "adapter" / "metrics.json").read_text())["final"]
+    assert final["eval_loss"] == result["eval_loss"] > 0  # metrics.json updated after the evaluation
+    base = ["--model_name_or_path", str(model), "--dataset_path", str(data), "--output_dir", "o"]
+    assert config_from_args(base + ["--per_device_train_batch_size", "3"]).args.per_device_eval_batch_size == 3
+    assert config_from_args(base + ["--per_device_eval_batch_size", "8"]).args.per_device_eval_batch_size == 8
