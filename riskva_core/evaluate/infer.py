@@ -28,7 +28,7 @@ import argparse
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from PIL import Image
 
@@ -37,6 +37,7 @@ from riskva_core.data.conversation import PromptTemplate
 from riskva_core.data.image_policy import DEFAULT_MAX_DECODED_PIXELS, ImagePolicy
 from riskva_core.errors import RiskvaError, reraise_out_of_memory
 from riskva_core.evaluate.generation import check_penalty, generation_settings, greedy_config
+from riskva_core.evaluate.inputs import Item, image_items, read_image_list, sample_items
 from riskva_core.evaluate.parse import parse_answer
 from riskva_core.evaluate.usage import token_usage
 from riskva_core.model.resolve import MLFLOW_SCHEMES, adapter_base, download_mlflow_model, resolve_model_ref
@@ -158,70 +159,6 @@ class Generator:
 
 # ---------------------------------------------------------------- inputs
 
-@dataclasses.dataclass
-class Item:
-    id: str
-    image: str
-    image_id: str
-    image_path: str
-    read: Callable[[], bytes]  # the encoded bytes; Generator.load_image turns them into pixels
-    ground_truth: dict[str, str] | None = None
-
-
-def _file_reader(path: Path) -> Callable[[], bytes]:
-    def read() -> bytes:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise RiskvaError(f"cannot read image file ({exc.strerror or exc})") from None
-        if not data:
-            raise RiskvaError("empty image file (0 bytes)")
-        return data
-
-    return read
-
-
-def _image_items(paths: Sequence[str], base: Path | None) -> list[Item]:
-    items, seen = [], {}
-    for ref in paths:
-        p = Path(ref)
-        if base is not None and not p.is_absolute():
-            p = base / p
-        n = seen[ref] = seen.get(ref, 0) + 1
-        items.append(Item(id=ref if n == 1 else f"{ref}#{n}", image=str(p), image_id=Path(ref).stem,
-                          image_path=ref, read=_file_reader(p)))
-    return items
-
-
-def _read_image_list(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RiskvaError(f"--image_list {path}: cannot read ({exc})") from None
-    refs = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not refs:
-        raise RiskvaError(f"--image_list {path}: lists no images")
-    return refs
-
-
-def _sample_items(dataset: Path, split: str) -> list[Item]:
-    from riskva_core.data.samples import read_samples
-
-    items = []
-    for s in read_samples(dataset, split):
-        items.append(Item(
-            id=s.id,
-            image=str(s.image_file) if s.image_file is not None else s.id,
-            image_id=s.image_id,
-            image_path=s.image_path,
-            read=s.image_data,
-            ground_truth={f: s.fields.get(f, "") for f in FIELDS},
-        ))
-    if not items:
-        raise RiskvaError(f"{dataset}: no samples in split {split!r}")
-    return items
-
-
 # ---------------------------------------------------------------- config + entry
 
 @dataclasses.dataclass
@@ -284,10 +221,10 @@ class InferConfig:
 
     def items(self) -> list[Item]:
         if self.source == "image_path":
-            return _image_items([str(self.image_path)], None)
+            return image_items([str(self.image_path)], None)
         if self.source == "image_list":
-            return _image_items(_read_image_list(self.image_list), self.image_list.parent)
-        return _sample_items(getattr(self, self.source), self.split)
+            return image_items(read_image_list(self.image_list), self.image_list.parent)
+        return sample_items(getattr(self, self.source), self.split)
 
 
 def _record(item: Item, raw: str | None, error: str | None, with_gt: bool, usage: dict | None = None) -> dict:
