@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import gc
 import hashlib
-import json
 import resource
 import shutil
 import sys
@@ -44,7 +43,7 @@ from typing import Any
 from riskva_core.atomic import atomic_dir, write_json
 from riskva_core.data.conversation import PromptTemplate
 from riskva_core.errors import RiskvaError
-from riskva_core.model.loading import dtype_name, is_adapter_dir, load_model, load_processor, resolve_dtype, save_processor
+from riskva_core.model.loading import checkpoint_dtype, dtype_name, is_adapter_dir, load_model, load_processor, resolve_dtype, save_processor
 from riskva_core.model.merge_gate import (  # noqa: F401 (fixed_inputs, fixed_image: re-exported)
     ANSWER_TOKENS, NOISE_FACTOR, PROBE_SAMPLES, Probe, computed_in, fixed_image, fixed_inputs, judge, probe_images,
     wider,
@@ -112,12 +111,6 @@ def _sha256(path: Path) -> str | None:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _checkpoint_dtype(model_dir: Path) -> str:
-    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    return str(cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or "float32")
 
 
 def merge_layers(model) -> dict[str, dict]:
@@ -190,7 +183,9 @@ def merge(cfg: MergeConfig) -> dict[str, Any]:
     template = PromptTemplate.load(tpl_dir / "prompt_template.json") if tpl_dir else PromptTemplate()
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
-    requested = _checkpoint_dtype(cfg.base_dir) if cfg.torch_dtype == "auto" else cfg.torch_dtype
+    # auto = the dtype the base is saved in (not the host's compute preference): the merged
+    # folder must be the same kind of checkpoint as its base.
+    requested = (checkpoint_dtype(cfg.base_dir) or "float32") if cfg.torch_dtype == "auto" else cfg.torch_dtype
     dtype = resolve_dtype(requested, device)
     name = dtype_name(dtype)
 
