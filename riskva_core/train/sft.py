@@ -148,7 +148,6 @@ def _length_view(dataset, args):
 
 def _check_liger() -> None:
     """``--use_liger_kernel`` (upstream's flag) patches in Liger's Triton kernels: GPU only."""
-    import torch
     from transformers.utils import import_utils
 
     if not import_utils.is_liger_kernel_available():
