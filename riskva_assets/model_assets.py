@@ -138,7 +138,7 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
     context.log.info(f"checkpoints: {why}")
     command = launcher.command(with_resume(args, resume))
     context.log.info("training: " + lineage_command(command))
-    invocation = launcher.client().run(context=context, command=command, env=launcher.env_vars())
+    invocation = launcher.run(context, command)  # local | ray | k8s (launchers.py)
     reported = invocation.get_materialize_result()
     reported_dir = (reported.metadata or {}).get("adapter_dir")
     adapter = Path(getattr(reported_dir, "value", reported_dir)) if reported_dir else out / "adapter"
@@ -148,6 +148,7 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
             **(reported.metadata or {}),
             "adapter": dg.MetadataValue.path(str(adapter)),
             "num_processes": launcher.num_processes,
+            "launcher": launcher.launcher,
             "recipe": recipe,
             "resumed": resume,
             "run_identity": identity["train_args_sha256"][:16],
