@@ -53,6 +53,14 @@ class RankProcess:
 
         return ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()]
 
+    def interface(self) -> str | None:
+        """The network interface carrying this node's Ray address."""
+        import psutil
+
+        ip = self.node()[0]
+        return next((name for name, addrs in psutil.net_if_addrs().items() if any(a.address == ip for a in addrs)),
+                    None)
+
     def free_port(self) -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((self.node()[0], 0))
@@ -131,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     from riskva_core.atomic import write_text
 
     opts, train_args = _parse(list(sys.argv[1:] if argv is None else argv))
+    ray.init(log_to_driver=False)  # RAY_ADDRESS: set by the job supervisor
+    # After ray.init: Ray's core worker installs a SIGTERM handler that ends the driver at once (the ranks
+    # would die with their actors, unsaved); ours makes a stop a request to every rank instead.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(log_to_driver=False)  # RAY_ADDRESS: set by the job supervisor
     bundle = {"CPU": opts.cpus_per_rank, **({"GPU": opts.gpus_per_rank} if opts.gpus_per_rank else {})}
     pg = placement_group([bundle] * opts.num_ranks, strategy=opts.placement)
     try:
@@ -151,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     envs = rendezvous(nodes)
     first = next(i for i, e in enumerate(envs) if e["RANK"] == "0")
     master = {"MASTER_ADDR": nodes[first][0], "MASTER_PORT": str(ray.get(ranks[first].free_port.remote()))}
+    # Gloo advertises the address the host name resolves to (often 127.0.1.1) unless told which interface
+    # to use: each rank uses the one carrying its node's Ray address, which the other nodes reach.
+    for e, iface in zip(envs, ray.get([r.interface.remote() for r in ranks])):
+        if iface and "GLOO_SOCKET_IFNAME" not in os.environ:
+            e["GLOO_SOCKET_IFNAME"] = iface
     placement = {e["RANK"]: nodes[i][0] for i, e in enumerate(envs)}
     output_dir = _flag(train_args, "--output_dir")
     if output_dir:

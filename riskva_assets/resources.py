@@ -97,10 +97,11 @@ class TrainingLauncher(dg.ConfigurableResource):
                               description="k8s: the training pod's manifest (metadata + spec)")
     k8s_image: str = Field(default="", description="k8s: image of the training container; empty: the manifest's")
 
-    @field_validator("launcher")
+    @field_validator("launcher", mode="before")
     @classmethod
     def _known_launcher(cls, value: str) -> str:
-        if value not in LAUNCHERS:
+        # dg.EnvVar("RISKVA_TRAIN_LAUNCHER") is checked when Dagster resolves it at run time.
+        if not isinstance(value, dg.EnvVar) and value not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, not {value!r}")
         return value
 
