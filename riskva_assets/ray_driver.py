@@ -67,17 +67,18 @@ class RankProcess:
             return s.getsockname()[1]
 
     def start(self, argv: list[str], env: dict[str, str]) -> int:
+        # stdout and stderr apart: a progress bar on stderr must not share a line with a Pipes message.
         self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO_ROOT, env={**os.environ, **env},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
                                      preexec_fn=_die_with_parent)
-        threading.Thread(target=self._read, daemon=True).start()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=self._read, args=(stream,), daemon=True).start()
         return self.proc.pid
 
-    def _read(self) -> None:
-        assert self.proc and self.proc.stdout
-        for line in self.proc.stdout:
+    def _read(self, stream) -> None:
+        for line in stream:
             with self.lock:
-                self.lines.append(line.rstrip("\n"))
+                self.lines.append(line.rstrip("\n").split("\r")[-1])
 
     def take_lines(self) -> list[str]:
         with self.lock:
@@ -187,7 +188,8 @@ def _watch(ranks: list, envs: list[dict[str, str]], stop: threading.Event) -> li
         for r, e in zip(ranks, envs):
             for line in ray.get(r.take_lines.remote()):
                 # Rank 0's Pipes messages verbatim (dagster-ray parses the job log); anything else labelled.
-                print(line if line.startswith(PIPES_LINE) else f"[rank {e['RANK']}] {line}", flush=True)
+                at = line.find(PIPES_LINE)
+                print(line[at:] if at >= 0 else f"[rank {e['RANK']}] {line}", flush=True)
         codes = ray.get([r.poll.remote() for r in ranks])
         if all(c is not None for c in codes):
             return codes

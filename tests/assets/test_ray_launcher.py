@@ -16,13 +16,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
 from model_fixtures import make_prepared_dataset, make_tiny_model
 from ray_netns import HEAD_IP, SUBNET, TRAIN_CONFIG, VERSION, WORKER_IP, NetnsError, NetnsRayCluster
+from test_cancel import _wait  # the same polling helper
 
 from riskva_core.paths import DataRoot
 
@@ -45,14 +45,6 @@ def cluster():
         yield c
     finally:
         c.close()
-
-
-def _wait(predicate, timeout: float, what: str, explain=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{explain()}")
-        time.sleep(0.5)
 
 
 def _adapter(home: Path) -> dict:
@@ -78,6 +70,7 @@ def _materialize_local(home: Path) -> dg.MaterializeResult:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three trainings (local, cancelled, resumed) and a Ray cluster on 2 cores
 def test_ray_launcher_trains_on_two_namespace_nodes_cancels_resumes_and_matches_local(cluster, tmp_path):
     # Before any job: the cluster's every address (nodes and GCS) is one of the namespaces'.
     nodes = cluster.wait_nodes(2)
@@ -137,17 +130,14 @@ def test_ray_launcher_trains_on_two_namespace_nodes_cancels_resumes_and_matches_
         os.environ.pop("DAGSTER_HOME") if saved is None else os.environ.__setitem__("DAGSTER_HOME", saved)
     meta = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
     assert meta["launcher"] == "ray" and meta["resumed"] is True and meta["step"] == 3, meta
-    assert meta["reported_by_rank"] == 0 and "train_loss" in meta and "Ray Job ID" not in meta
+    assert meta["reported_by_rank"] == 0 and "train_loss" in meta and meta["Ray Job ID"].startswith("pipes-")
     # Rank 0's Trainer logs reached the run through Pipes over the Ray job log.
     assert any("training: world size 2" in m for m in messages), messages[-20:]
     assert any(m.startswith("step ") and "loss=" in m for m in messages), messages[-20:]
 
     # 3. Same seed, same data, same DeepSpeed JSON: the same adapter as the local 2-rank run.
-    import torch
-
     ref, got = _adapter(local_home), _adapter(ray_home)
     assert ref.keys() == got.keys()
     worst = max(float((ref[k].float() - got[k].float()).abs().max()) for k in ref)
     assert worst <= 1e-4, f"ray adapter differs from local by {worst}"
     assert any(float(t.abs().max()) > 0 for k, t in got.items() if "lora_B" in k)  # it trained
-    del torch
