@@ -26,7 +26,6 @@ from test_cancel import _wait  # the same polling helper
 
 from riskva_core.paths import DataRoot
 
-pytest.importorskip("dagster_ray", reason="the ray extra (make test installs it)")
 SCRIPT = str(Path(__file__).resolve().parents[1] / "ray_netns.py")
 
 
@@ -70,7 +69,7 @@ def _materialize_local(home: Path) -> dg.MaterializeResult:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # three trainings (local, cancelled, resumed) and a Ray cluster on 2 cores
+@pytest.mark.timeout(2400)  # three trainings (local, cancelled, resumed) and a Ray cluster on 2 cores
 def test_ray_launcher_trains_on_two_namespace_nodes_cancels_resumes_and_matches_local(cluster, tmp_path):
     # Before any job: the cluster's every address (nodes and GCS) is one of the namespaces'.
     nodes = cluster.wait_nodes(2)
@@ -100,7 +99,7 @@ def test_ray_launcher_trains_on_two_namespace_nodes_cancels_resumes_and_matches_
     first = dagster_side("--pause")
     markers = [out / "debug" / f"paused-rank{r}" for r in (0, 1)]
     try:
-        _wait(lambda: all(m.is_file() for m in markers) or first.poll() is not None, 300,
+        _wait(lambda: all(m.is_file() for m in markers) or first.poll() is not None, 900,
               "both ranks to reach step 1", lambda: ":\n" + log(1))
         assert first.poll() is None, "the run ended before it could be cancelled:\n" + log(1)
         placement = json.loads((out / "ray_placement.json").read_text())
