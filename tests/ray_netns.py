@@ -66,7 +66,10 @@ class NetnsRayCluster:
         venv_bin = str(Path(sys.executable).parent)
         return {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
                 "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu",
-                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+                # Ray's memory monitor judges the whole host, not its nodes: on a shared test box other
+                # processes' memory would make it kill the job supervisor. Off for this test cluster only.
+                "RAY_memory_monitor_refresh_ms": "0"}
 
     def run_in(self, ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", ns, *argv], env={**self.env(), **kw.pop("env", {})},
