@@ -40,6 +40,8 @@ def build_resources() -> dict:
         "launcher": TrainingLauncher(
             num_processes=_env_int("RISKVA_NUM_PROCESSES", 1),
             base_model_path=_env("RISKVA_BASE_MODEL", ""),
+            launcher=_env("RISKVA_TRAIN_LAUNCHER", "local"),
+            ray_address=_env("RISKVA_RAY_ADDRESS", ""),
         ),
     }
 

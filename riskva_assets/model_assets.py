@@ -210,7 +210,7 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
     command = launcher.command(with_resume(args, plan.resume))
     context.log.info("training: " + lineage_command(command))
     try:
-        invocation = launcher.client().run(context=context, command=command, env={**launcher.env_vars(), **pin.env()})
+        invocation = launcher.run(context, command, extra_env=pin.env())  # local | ray | k8s (launchers.py)
     except DagsterPipesExecutionError:
         retry_if_preempted(context, out, launcher)
         raise
@@ -234,6 +234,7 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
             "resumed_from_step": resumed_from,
             "trained_steps": step - resumed_from if isinstance(step, int) else None,
             "preemption_retries_used": context.retry_number,
+            "launcher": launcher.launcher,
             "command": dg.MetadataValue.md(f"```\n{lineage_command(command)}\n```"),
         },
         data_version=data_version,

@@ -13,20 +13,8 @@ and exits. After ``termination_timeout_seconds`` anything still alive in the
 launcher's process tree (a rank, a DataLoader worker) is killed, so nothing of the
 run outlives it.
 
-Swapping in Kubernetes (GPU cluster; not runnable here): give the asset a
-``dagster_k8s.PipesK8sClient`` resource instead and launch the same command in a
-pod whose spec requests GPUs, e.g.::
-
-    PipesK8sClient(load_incluster_config=True).run(
-        context=context,
-        image="registry.example.com/riskva:TAG",
-        command=launcher.command(args),          # the same accelerate launch command
-        base_pod_spec={"containers": [{"resources": {"limits": {"nvidia.com/gpu": "8"}}}]},
-        env=launcher.env_vars(),
-    ).get_materialize_result()
-
-``riskva_assets.pipes_train`` works unchanged in the pod: Pipes reaches it through
-environment variables and rank 0 reports through the pod's log stream.
+This is the ``local`` launcher's client; launchers.py runs the same command on a Ray cluster
+(dagster-ray) or in a Kubernetes pod (dagster_k8s.PipesK8sClient) instead.
 """
 from __future__ import annotations
 
