@@ -19,24 +19,22 @@ def test_accelerate_configs_load_with_accelerate(name):
     assert ds_file.exists(), ds_file
     ds = json.loads(ds_file.read_text())
     assert ds["zero_optimization"]["stage"] in (2, 3)
-    # Unset (-1): the single-node launch line gives the count, one rank per visible GPU.
-    assert cfg.num_processes == -1 or cfg.num_processes % cfg.num_machines == 0
+    assert cfg.num_processes % cfg.num_machines == 0
 
 
 @pytest.mark.parametrize("name", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "scale_out/accelerate_multigpu.yaml"])
-def test_single_node_configs_take_the_rank_count_from_the_launch_line(name):
-    """No number in the config: accelerate has no "every GPU" value there, and a number would quietly use
-    that many of the host's GPUs. accelerate's own validation then asks for --num_processes."""
+def test_single_node_configs_start_one_rank_per_gpu_of_the_8_gpu_host(name):
+    """The seed's launch line has no --num_processes: through accelerate's own validation the config gives
+    8 ranks (an 8-GPU host), and an explicit --num_processes wins (config.check_rank_count guards the rest)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
-    assert "num_processes" not in yaml.safe_load((CONFIGS / name).read_text())
     parser = launch_command_parser()
     bare = parser.parse_args(["--config_file", str(CONFIGS / name), "-m", "riskva_core.train"])
-    with pytest.raises(ValueError, match="manually pass in `--num_processes`"):
-        _validate_launch_command(bare)
-    given = parser.parse_args(["--config_file", str(CONFIGS / name), "--num_processes", "8", "-m", "riskva_core.train"])
-    args, _, _ = _validate_launch_command(given)
+    args, _, _ = _validate_launch_command(bare)
     assert args.num_processes == 8 and args.use_deepspeed
+    given = parser.parse_args(["--config_file", str(CONFIGS / name), "--num_processes", "2", "-m", "riskva_core.train"])
+    args, _, _ = _validate_launch_command(given)
+    assert args.num_processes == 2 and args.use_deepspeed
 
 
 def test_dagster_k8s_instance_loads_with_the_installed_dagster(tmp_path, monkeypatch):

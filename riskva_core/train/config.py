@@ -94,6 +94,30 @@ def refuse_data_parallel(args: TrainingArguments) -> None:
             f"CUDA_VISIBLE_DEVICES=0 riskva train ...)")
 
 
+def check_rank_count(args: TrainingArguments) -> None:
+    """Ranks on this node against the GPUs it sees, before any rank touches CUDA.
+
+    The accelerate configs start 8 ranks (the 8-GPU host of the seed's launch line; a config file
+    has no "every GPU" value). More ranks than GPUs would fail later as an invalid device ordinal
+    on some ranks: refused here in one line. Fewer leaves GPUs idle: a warning from local rank 0.
+    """
+    import os
+
+    import torch
+
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if args.use_cpu or local is None or not torch.cuda.is_available():
+        return
+    ranks, gpus = int(local), torch.cuda.device_count()
+    if ranks > gpus:
+        raise RiskvaError(f"{ranks} ranks on this node but {gpus} GPU(s) visible: launch with --num_processes {gpus} "
+                          f"(the accelerate configs start 8, one per GPU of an 8-GPU host)")
+    if ranks < gpus and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"[riskva train] warning: {ranks} rank(s) on this node and {gpus} GPUs visible: {gpus - ranks} stay "
+              f"idle; --num_processes {gpus} uses them all (or hide them with CUDA_VISIBLE_DEVICES)",
+              file=sys.stderr, flush=True)
+
+
 @dataclasses.dataclass
 class ModelArguments:
     model_name_or_path: str = dataclasses.field(
@@ -292,6 +316,7 @@ class RiskvaTrainingArguments(TrainingArguments):
             # (upstream refuses bf16 without a GPU unless use_cpu is set).
             self.use_cpu = True
         refuse_data_parallel(self)
+        check_rank_count(self)
         if self.early_stopping_patience is not None and (self.early_stopping_patience <= 0
                                                           or not self.load_best_model_at_end):
             raise RiskvaError("--early_stopping_patience needs a positive value and --load_best_model_at_end True")

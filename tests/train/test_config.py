@@ -7,6 +7,7 @@ Parsing only (no model is loaded): config_from_args is what `python -m riskva_co
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,3 +90,25 @@ def test_one_process_on_several_gpus_is_refused_with_the_launch_line(monkeypatch
         _cfg(HUB_ID, "--recipe", "none")
     # Training on the CPU never wraps the model (a real single GPU cannot be simulated past Trainer's set-up).
     assert _cfg(HUB_ID, "--recipe", "none", "--use_cpu").args.use_cpu
+
+
+def test_more_ranks_than_gpus_is_refused_and_idle_gpus_are_named(monkeypatch, capsys):
+    """The accelerate configs start 8 ranks (the seed's 8-GPU host); each rank checks that against
+    the GPUs it sees before touching CUDA (simulated: 4 GPUs)."""
+    from riskva_core.train.config import check_rank_count
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    args = SimpleNamespace(use_cpu=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(RiskvaError, match=r"^8 ranks on this node but 4 GPU\(s\) visible: launch with --num_processes 4 "):
+        check_rank_count(args)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    check_rank_count(args)
+    assert "2 rank(s) on this node and 4 GPUs visible: 2 stay idle; --num_processes 4" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    check_rank_count(args)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # CPU ranks (gloo) are not GPUs
+    check_rank_count(SimpleNamespace(use_cpu=True))
