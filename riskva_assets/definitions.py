@@ -38,7 +38,7 @@ def build_resources() -> dict:
             artifact_root=_env("RISKVA_MLFLOW_ARTIFACT_ROOT", ""),
         ),
         "launcher": TrainingLauncher(
-            num_processes=_env_int("RISKVA_NUM_PROCESSES", 1),
+            num_processes=_env_int("RISKVA_NUM_PROCESSES", 0),  # 0: one rank per visible GPU
             base_model_path=_env("RISKVA_BASE_MODEL", ""),
             launcher=_env("RISKVA_TRAIN_LAUNCHER", "local"),
             ray_address=_env("RISKVA_RAY_ADDRESS", ""),

@@ -56,7 +56,7 @@ def launcher_command(launcher: TrainingLauncher, module_args: list[str]) -> list
     if launcher.launcher == "ray":
         # Runs on the Ray head: the cluster's own `python` (riskva installed there) and repository paths.
         return ["python", "-m", RAY_DRIVER,
-                "--num_ranks", str(launcher.num_processes),
+                "--num_ranks", str(launcher.ranks()),
                 "--deepspeed_config", deepspeed_json(launcher),
                 "--placement", launcher.ray_placement,
                 "--cpus_per_rank", str(launcher.ray_cpus_per_rank),
@@ -67,7 +67,7 @@ def launcher_command(launcher: TrainingLauncher, module_args: list[str]) -> list
         # In the pod: the image's accelerate, and the config relative to its working directory (the checkout).
         "accelerate" if in_pod else str(Path(sys.executable).with_name("accelerate")), "launch",
         "--config_file", launcher.accelerate_config if in_pod else str(launcher.config_path()),
-        "--num_processes", str(launcher.num_processes),
+        "--num_processes", str(launcher.ranks()),
         # A free port per run here: concurrent runs (or tests) on one host must not collide on 29500.
         "--main_process_port", "29500" if in_pod else str(free_port()),
         "-m", "riskva_assets.pipes_train",

@@ -185,11 +185,11 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
     ]
     launcher_files = launcher_config_files(launcher.config_path(), args, REPO_ROOT)
     identity = run_identity(args, lineage.upstream_data_versions(context, ["sft_jsonl", "base_model"]), pin.identity,
-                            launcher.num_processes, code_version=CODE_VERSIONS["lora_adapter"],
+                            launcher.ranks(), code_version=CODE_VERSIONS["lora_adapter"],
                             launcher_config_sha256=config_files_digest(launcher_files))
     adapter = out / "adapter"
     plan = plan_resume(out, identity, adapter_version(adapter))
-    common = {"num_processes": launcher.num_processes, "recipe": recipe, "base_model_pinned": pin.identity,
+    common = {"num_processes": launcher.ranks(), "recipe": recipe, "base_model_pinned": pin.identity,
               "run_identity": identity_sha256(identity)[:16],
               **({"superseded_checkpoints": dg.MetadataValue.path(str(plan.superseded))} if plan.superseded else {})}
     if plan.superseded:

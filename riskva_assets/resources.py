@@ -71,8 +71,8 @@ class TrainingLauncher(dg.ConfigurableResource):
     launcher: str = Field(default="local", description="local: a subprocess on this host | ray: a job on the "
                           "Ray cluster at ray_address, one rank per placement-group bundle | k8s: one pod "
                           "(k8s_pod_spec) through dagster_k8s.PipesK8sClient")
-    num_processes: int = Field(default=1, description="Ranks (GPUs; CPU processes when no GPU); with ray: "
-                               "Ray workers, each one rank")
+    num_processes: int = Field(default=0, description="Ranks; 0 (default): local: one per GPU visible to "
+                               "this host, 1 without a GPU; ray/k8s: required (Ray workers / ranks in the pod)")
     accelerate_config: str = Field(
         default="configs/deepspeed_zero2.yaml",
         description="accelerate config file (relative paths are relative to the repository); the ray "
@@ -107,6 +107,18 @@ class TrainingLauncher(dg.ConfigurableResource):
         if not isinstance(value, dg.EnvVar) and value not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, not {value!r}")
         return value
+
+    def ranks(self) -> int:
+        """num_processes, with 0 resolved where the local launcher runs: every visible GPU, as the
+        seed's launch line does on an 8-GPU host (1 CPU rank without a GPU)."""
+        if self.num_processes > 0:
+            return self.num_processes
+        if self.launcher != "local":
+            raise dg.Failure(f"num_processes must be set for the {self.launcher} launcher (RISKVA_NUM_PROCESSES): "
+                             "this host's GPUs say nothing about the cluster's")
+        import torch
+
+        return max(torch.cuda.device_count() if torch.cuda.is_available() else 0, 1)
 
     def config_path(self) -> Path:
         path = Path(self.accelerate_config)

@@ -51,3 +51,19 @@ def test_ray_rendezvous_numbers_ranks_node_by_node_and_shares_each_nodes_gpus():
     assert env[0]["CUDA_VISIBLE_DEVICES"] == env[2]["CUDA_VISIBLE_DEVICES"] == "0,1,2"
     assert env[1]["CUDA_VISIBLE_DEVICES"] == "3"
     assert "CUDA_VISIBLE_DEVICES" not in rendezvous([("10.0.0.1", []), ("10.0.0.2", [])])[0]
+
+
+def test_the_local_launcher_defaults_to_one_rank_per_visible_gpu(monkeypatch):
+    """Like the seed's launch line on an 8-GPU host (GPUs simulated); ray/k8s must be told their count."""
+    import dagster as dg
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert TrainingLauncher().ranks() == 8 and TrainingLauncher(num_processes=2).ranks() == 2
+    cmd = launcher_command(TrainingLauncher(), ARGS)
+    assert cmd[cmd.index("--num_processes") + 1] == "8"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert TrainingLauncher().ranks() == 1
+    with pytest.raises(dg.Failure, match="num_processes must be set for the ray launcher"):
+        TrainingLauncher(launcher="ray").ranks()
