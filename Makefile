@@ -25,7 +25,7 @@ PORT ?= 3000
 MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 5001
 
-.PHONY: install test demo ui mlflow-ui serve smoke bench browser postgres clean print-env gpu-check
+.PHONY: install test demo ui mlflow-ui serve smoke bench browser postgres netns clean print-env gpu-check
 
 install: $(STAMP)
 
@@ -55,7 +55,15 @@ postgres:
 	    || echo "make: could not install postgresql; the Postgres test will be skipped"; \
 	  else echo "the Postgres test needs PostgreSQL: sudo apt-get install -y postgresql"; fi; }
 
-test: install browser postgres
+# iproute2 for the two-node Ray test (it builds its own network namespaces; nothing is started here).
+netns:
+	@command -v ip >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; } \
+	    || echo "make: could not install iproute2; the Ray test fails under CI"; \
+	  else echo "the Ray test needs iproute2 and root: sudo apt-get install -y iproute2"; fi; }
+
+test: install browser postgres netns
 	$(VENV)/bin/pytest
 
 demo: install
