@@ -111,7 +111,8 @@ def test_k8s_pod_with_an_unknown_field_is_refused(tmp_path):
     manifest["spec"]["containers"][0]["resource"] = manifest["spec"]["containers"][0].pop("resources")
     (tmp_path / "pod.yaml").write_text(yaml.safe_dump(manifest))
     with pytest.raises(Exception, match="Unexpected keys in model class V1Container: {'resource'}"):
-        render_training_pod(TrainingLauncher(launcher="k8s", k8s_pod_spec=str(tmp_path / "pod.yaml")), [], _pipes_env())
+        render_training_pod(TrainingLauncher(launcher="k8s", num_processes=8, k8s_pod_spec=str(tmp_path / "pod.yaml")),
+                            [], _pipes_env())
 
 
 def test_mlflow_server_env_names_postgres_driver_and_s3():

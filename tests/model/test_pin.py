@@ -43,11 +43,20 @@ def test_a_hub_id_is_pinned_to_its_snapshot_commit_and_the_pin_outlives_refs_mai
     assert pin_model_ref(str(tiny)).env() == {} and pin_model_ref(str(tiny)).revision is None
 
 
-def test_an_mlflow_alias_is_pinned_to_its_version_and_downloaded_once(tiny, tmp_path, monkeypatch):
+def test_an_mlflow_alias_is_pinned_to_its_version_and_downloaded_once(tiny, tmp_path, monkeypatch, request):
     from mlflow import MlflowClient
+
+    import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    # An earlier test in the same process may have set MLflow's process-wide URIs, which win over the
+    # environment: point them here for this test and put them back afterwards.
+    saved = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    request.addfinalizer(lambda: (mlflow.set_tracking_uri(saved[0]), mlflow.set_registry_uri(saved[1])))
     client = MlflowClient(uri, uri)
     client.create_registered_model("riskva-pin")
     for _ in range(2):
