@@ -1,11 +1,14 @@
 """Serving throughput: batched requests against one image per request, concurrency, and a load test.
 
     .venv/bin/python benchmarks/bench_serve.py [--n_images 48] [--batch_size 8] [--size small]
-        [--max_new_tokens 32] [--load_requests 200] [--load_clients 20]
+        [--max_new_tokens 32] [--load_requests 200] [--load_clients 20] [--home riskva_home]
 
 Builds the demo's tiny model on a small prepared dataset, registers it in a temporary MLflow
 registry (model_config: ``batch_size``, ``max_new_tokens``) and starts both servers as a user
 would: ``riskva serve`` (MLflow's /invocations) and ``riskva serve --api openai``.
+With ``--home riskva_home`` (after ``make demo``) it serves that registry's ``@champion`` instead,
+as registered (its own batch size and answer length), on photos of the demo's prepared dataset:
+a trained model writing whole answers, which is what the acceptance of issue 20 names.
 
 1. Throughput, same images, same server, in one run: ``n_images`` requests of one row each,
    sent one after another, against ``n_images / batch_size`` requests of ``batch_size`` rows
@@ -139,6 +142,11 @@ def main() -> int:
     p.add_argument("--size", choices=["tiny", "small"], default="small", help="tiny_model size (default small)")
     p.add_argument("--load_requests", type=int, default=200)
     p.add_argument("--load_clients", type=int, default=20)
+    p.add_argument("--home", type=Path, default=None,
+                   help="serve this RISKVA_HOME's registered champion (e.g. after `make demo`) instead of "
+                        "building an untrained model; --size and --max_new_tokens then do not apply "
+                        "(--batch_size stays the rows per request of the throughput part)")
+    p.add_argument("--alias", default="champion", help="with --home: the alias to serve (default champion)")
     args = p.parse_args()
 
     from model_fixtures import make_prepared_dataset, make_tiny_model
@@ -150,26 +158,44 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
-        ds = make_prepared_dataset(root / "ds", n=max(args.n_images, 10), image_size=96)
-        model = make_tiny_model(root / "model", ds, size=args.size)
-        images = [s.image_data() for split in SPLITS for s in read_samples(ds, split)][: args.n_images]
-        reg = Registry.under(DataRoot(root / "home"))
-        rv = reg.log_model(model, example_image=images[0], model_config={
-            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
-        reg.set_alias("champion", rv.version)
+        if args.home is None:
+            home = DataRoot(root / "home")
+            ds = make_prepared_dataset(root / "ds", n=max(args.n_images, 10), image_size=96)
+            model = make_tiny_model(root / "model", ds, size=args.size)
+            reg = Registry.under(home)
+            images = [s.image_data() for split in SPLITS for s in read_samples(ds, split)][: args.n_images]
+            rv = reg.log_model(model, example_image=images[0], model_config={
+                "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
+            reg.set_alias(args.alias, rv.version)
+            served = f"a {args.size} model with random weights"
+        else:
+            home = DataRoot(args.home)
+            version = home.newest_dataset_version()
+            ds = home.prepared_dir(version, "jsonl") if version else None
+            if ds is None or not ds.is_dir():
+                raise SystemExit(f"--home {args.home}: no prepared dataset (run `make demo` first)")
+            reg = Registry.under(home)
+            number = reg.alias_version(args.alias)
+            if number is None:
+                raise SystemExit(f"--home {args.home}: no model version has the alias @{args.alias}")
+            # The photos the champion was not trained on first, then as many more as asked for.
+            images = [s.image_data() for split in reversed(SPLITS) for s in read_samples(ds, split)][: args.n_images]
+            served = f"{args.home}'s @{args.alias} (version {number}, dataset {version}), as registered"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RISKVA_"))}
-        env.update(RISKVA_HOME=str(root / "home"), TOKENIZERS_PARALLELISM="false")
+        env.update(RISKVA_HOME=str(home.root), TOKENIZERS_PARALLELISM="false")
+        model_flags = ["--model_uri", f"models:/riskva@{args.alias}"]
         ports = free_port(), free_port()
         urls = [f"http://127.0.0.1:{port}" for port in ports]
-        with ServerProcess([RISKVA, "serve", "--port", str(ports[0])], env=env, log=root / "mlflow.log") as srv:
+        with ServerProcess([RISKVA, "serve", *model_flags, "--port", str(ports[0])], env=env,
+                           log=root / "mlflow.log") as srv:
             srv.wait_http(f"{urls[0]}/ping", timeout=600)
             tp = throughput(urls[0], images, args.batch_size)
-        with ServerProcess([RISKVA, "serve", "--api", "openai", "--port", str(ports[1])], env=env,
+        with ServerProcess([RISKVA, "serve", *model_flags, "--api", "openai", "--port", str(ports[1])], env=env,
                            log=root / "openai.log") as srv:
             srv.wait_http(f"{urls[1]}/ready", timeout=600)
             cc = concurrency(urls[1], images)
             ld = load(urls[1], images, args.load_requests, args.load_clients)
-    print(f"model {args.size}, {args.n_images} images, max_new_tokens {args.max_new_tokens}, torch threads "
+    print(f"served {served}, {len(images)} images, torch threads "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}")
     print(f"throughput (MLflow server): one image per request {tp['single_img_s']:.2f} img/s, "
           f"{args.batch_size} rows per request {tp['batched_img_s']:.2f} img/s, ratio {tp['ratio']:.2f}x")

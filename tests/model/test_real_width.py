@@ -179,7 +179,7 @@ def test_answers_through_riskva_infer_by_hub_id_and_merged(hub, zero2, merged):
                     "--output_file", str(out), "--max_new_tokens", "4", "--torch_dtype", "bfloat16",
                     "--no_progress"], env, root)
         records = json.loads(out.read_text())
-        assert len(records) == 2 and all(r["raw_output"] and not r.get("error") for r in records)
+        assert len(records) == 2 and all(r["raw_output"] and not r.get("error") for r in records), records
 
 
 def test_zero3_partitions_every_parameter_and_the_seed_line_trains_at_the_7b_recipe_rate(hub, zero2, tmp_path):
