@@ -153,7 +153,9 @@ def _names(names: list[str]) -> str:
 def _gate_error(verdict: dict, report: dict, what: str) -> RiskvaError:
     name, tol = report["dtype"], verdict["tolerance_abs"]
     basis = (f"tolerance {tol:.3g} = {NOISE_FACTOR:g} x the base's own {name}-vs-{report['noise_reference']} "
-             f"difference {verdict['noise_abs_logit_diff']:.3g}" if verdict["noise_factor"] else f"tolerance {tol:.3g}")
+             f"difference {verdict['noise_abs_logit_diff']:.3g} at logit scale {verdict['base_logit_scale']:.3g}, "
+             f"taken at scale {max(verdict['logit_scale'], verdict['base_logit_scale']):.3g}"
+             if verdict["noise_factor"] else f"tolerance {tol:.3g}")
     figures = (f"logits differ by {verdict['max_abs_logit_diff']:.3g} ({basis}), greedy answers agree at "
                f"{verdict['answer_agreement']:.0%} of {verdict['answer_positions']} tokens")
     if verdict["effect_lost"]:

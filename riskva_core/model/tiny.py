@@ -314,11 +314,13 @@ def build_tiny_model(cfg: TinyModelConfig) -> Path:
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype).eval()
     model.config.dtype = dtype
-    # Output rows past the tokenizer (the embedding is rounded up, 152064 rows for the 7B widths) are
-    # ids no tokenizer decodes; a trained model never emits them, but random rows would win almost
-    # every argmax at 152k rows and make the stand-in answer empty text through infer and serve.
-    with torch.no_grad():
-        model.get_output_embeddings().weight[len(tokenizer):].zero_()
+    if dims.get("embed_rows"):
+        # The 7B-shaped sizes have 152064 output rows for ~2k tokens: rows past the tokenizer are ids
+        # no tokenizer decodes. A trained model never emits them, but random ones win almost every
+        # argmax there and the stand-in would answer empty text through infer and serve. (The small
+        # sizes round up by < 64 rows and keep their bytes.)
+        with torch.no_grad():
+            model.get_output_embeddings().weight[len(tokenizer):].zero_()
     eos_id, pad_id = token_id(tokenizer, EOS_TOKEN), token_id(tokenizer, PAD_TOKEN)
     model.generation_config = GenerationConfig(
         bos_token_id=pad_id, pad_token_id=pad_id, eos_token_id=[eos_id, pad_id], do_sample=False,

@@ -10,7 +10,7 @@ import torch
 from model_fixtures import make_prepared_dataset, make_tiny_model
 from riskva_core.errors import RiskvaError
 from riskva_core.model.merge import MergeConfig, fixed_inputs, merge
-from riskva_core.model.merge_gate import NOISE_FACTOR, Probe, computed_in, fixed_image
+from riskva_core.model.merge_gate import NOISE_FACTOR, Probe, computed_in, fixed_image, judge
 from riskva_core.model.loading import load_model, load_processor, save_processor, set_pixel_budget
 from riskva_core.train.trainable import apply_trainable
 from riskva_core.train.config import TrainableArguments
@@ -125,7 +125,9 @@ def test_bf16_merge_is_saved_in_bf16_and_judged_against_bf16s_own_noise(adapter,
     # The tolerance is measured, not set: NOISE_FACTOR x the base's own bf16-vs-fp32 difference.
     assert report["dtype"] == "bfloat16" and report["noise_reference"] == "float32"
     assert 0 < report["noise_abs_logit_diff"] and report["noise_factor"] == NOISE_FACTOR
-    assert report["tolerance_abs"] == pytest.approx(NOISE_FACTOR * report["noise_abs_logit_diff"]
+    at_scale = max(report["logit_scale"], report["base_logit_scale"]) / report["base_logit_scale"]
+    assert report["noise_relative"] == pytest.approx(report["noise_abs_logit_diff"] / report["base_logit_scale"])
+    assert report["tolerance_abs"] == pytest.approx(NOISE_FACTOR * report["noise_abs_logit_diff"] * at_scale
                                                     + 2 ** -7 * report["logit_scale"])
     assert report["max_abs_logit_diff"] <= report["tolerance_abs"] < report["adapter_effect_abs_logit_diff"]
     assert report["answer_agreement"] == 1 and report["equivalent"] and not report["effect_lost"]
@@ -222,3 +224,23 @@ def test_an_adapter_whose_effect_is_lost_in_bf16_is_refused(adapter, cancelling_
     report = merge(MergeConfig(base_model_path=cancelling_base, adapter_path=planted, output_dir=out,
                                torch_dtype="float32"))
     assert report["equivalent"] and report["adapter_changed_answers"] > 0 and report["answers_lost_to_base"] == 0
+
+
+def test_the_noise_scales_with_an_adapter_that_makes_logits_larger():
+    """`make demo`'s figures: the demo recipe trains lm_head, so base+adapter's logits are 17x the
+    random base's (20.3 vs 1.19). A float32 merge differs from base+adapter by 6.7e-6 there: float32
+    rounding at that scale, not a broken merge (greedy answers all agree). Against the base's
+    absolute noise (4 x 7.2e-7) it was refused; taken at the adapted scale it merges, and a merge
+    that loses the adapter's effect is still refused."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(32, 64, generator=g) * 0.4
+    base = base * (1.19 / base.abs().max())
+    ref = base.clone()
+    ref[torch.arange(32), torch.arange(32) % 64] = 20.3  # the trained head: confident answers
+    noisy_base = base + 7.2e-7 * torch.sign(torch.randn(32, 64, generator=g))
+    merged = ref + 6.7e-6 * torch.sign(torch.randn(32, 64, generator=g))
+    verdict = judge(ref, base, noisy_base, merged, torch.float32)
+    assert verdict["equivalent"] and verdict["tolerance_abs"] > 6.7e-6 > NOISE_FACTOR * 7.2e-7
+    assert verdict["base_logit_scale"] == pytest.approx(1.19) and verdict["logit_scale"] == pytest.approx(20.3)
+    lost = judge(ref, base, noisy_base, base.clone(), torch.float32)
+    assert lost["effect_lost"] and not lost["equivalent"] and lost["answers_lost_to_base"] > 0

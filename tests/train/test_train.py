@@ -112,6 +112,14 @@ def test_zero2_single_process_trains_saves_and_reloads(env, zero2_run):
         assert json.loads((c / "processor_config.json").read_text())["image_processor"]["max_pixels"] == 3136
         for f in ("image_policy.json", "prompt_template.json"):
             assert (c / f).read_text() == (adapter / f).read_text()
+    # A checkpoint merges with default flags (judged by its outputs) and hands the policy on.
+    from riskva_core.model.merge import MergeConfig, merge
+
+    merged = root / "merged-checkpoint-4"
+    report = merge(MergeConfig(base_model_path=model, adapter_path=out / "checkpoint-4", output_dir=merged))
+    assert report["adapter_path"] == str(out / "checkpoint-4") and report["equivalent"]
+    assert (merged / "image_policy.json").read_text() == (adapter / "image_policy.json").read_text()
+    assert json.loads((merged / "processor_config.json").read_text())["image_processor"]["max_pixels"] == 3136
     assert "eval_loss" in metrics["final"]  # the val split is evaluated at the end
 
     # Reloading the saved adapter gives back exactly the trained parameters.
