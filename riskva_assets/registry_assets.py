@@ -11,6 +11,7 @@ from pydantic import Field
 from riskva_core.registry import client as reg
 from riskva_core.registry import evidence
 from riskva_core.errors import RiskvaError
+from riskva_core.evaluate.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 
 from . import lineage
 from .asset_metadata import CODE_VERSIONS, REGISTRY, confusion_table, json_or_none, md_table, rounded, upstream_metadata
@@ -35,8 +36,10 @@ def _example_image(paths: DataRootResource, version: str) -> bytes:
 
 
 class RegisterConfig(dg.Config):
-    max_new_tokens: int = Field(default=256, description="generation length of the served pyfunc (model_config)")
-    batch_size: int = Field(default=4, description="images per generate() batch in the served pyfunc")
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS,
+                                description="generation length of the served pyfunc (model_config)")
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, description="images per generate() batch in the served "
+                            "pyfunc; concurrent requests to `riskva serve --api openai` share one")
     torch_dtype: str = Field(default="auto", description="dtype of every load of the version (model_config): auto "
                              "(a bf16 checkpoint stays bf16 on a CPU) | bfloat16 | float32")
 

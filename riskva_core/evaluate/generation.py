@@ -12,6 +12,12 @@ from typing import Any
 
 from riskva_core.errors import RiskvaError
 
+# One default for offline inference (`riskva infer`, evaluation) and serving (a registered
+# version's model_config): 8 photos of ~1000 image tokens per generate batch fit beside a bf16 7B on
+# a 24 GB GPU (KV cache ~75 MB per photo), and a server batches concurrent requests up to it.
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_NEW_TOKENS = 256
+
 
 def check_penalty(value: float | None) -> float | None:
     if value is not None and not value > 0:

@@ -36,7 +36,8 @@ from riskva_core.atomic import write_json
 from riskva_core.data.conversation import PromptTemplate
 from riskva_core.data.image_policy import DEFAULT_MAX_DECODED_PIXELS, ImagePolicy
 from riskva_core.errors import RiskvaError, reraise_out_of_memory
-from riskva_core.evaluate.generation import check_penalty, generation_settings, greedy_config
+from riskva_core.evaluate.generation import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, check_penalty,
+                                             generation_settings, greedy_config)
 from riskva_core.evaluate.inputs import Item, image_items, read_image_list, sample_items
 from riskva_core.evaluate.parse import parse_answer
 from riskva_core.evaluate.usage import token_usage
@@ -46,8 +47,6 @@ from riskva_core.schema import FIELDS
 PROMPT_TEMPLATE_FILE = "prompt_template.json"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 MAX_EXIT_FAILURES = 100
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def load_prompt_template(*folders: str | Path | None) -> PromptTemplate:

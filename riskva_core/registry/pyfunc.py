@@ -45,6 +45,7 @@ import pandas as pd
 
 from riskva_core.data.image_policy import DEFAULT_MAX_DECODED_PIXELS
 from riskva_core.errors import RiskvaError, is_out_of_memory
+from riskva_core.evaluate.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from riskva_core.model.resolve import ARTIFACT_MODEL_DIR
 from riskva_core.schema import FIELDS, INPUT_COLUMN, OUTPUT_COLUMNS
 
@@ -53,7 +54,8 @@ DEFAULT_MAX_ROWS = 64
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 LIMIT_KEYS = ("max_rows", "max_request_bytes", "max_decoded_pixels")
 USAGE_COLUMNS = ("prompt_tokens", "completion_tokens")
-DEFAULT_MODEL_CONFIG: dict[str, Any] = {"max_new_tokens": 256, "batch_size": 4, "max_rows": DEFAULT_MAX_ROWS,
+DEFAULT_MODEL_CONFIG: dict[str, Any] = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "batch_size": DEFAULT_BATCH_SIZE,
+                                        "max_rows": DEFAULT_MAX_ROWS,
                                         "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES,
                                         "max_decoded_pixels": DEFAULT_MAX_DECODED_PIXELS,
                                         # The loading policy's --torch_dtype (loading.py): auto keeps a bf16

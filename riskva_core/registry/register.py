@@ -21,6 +21,7 @@ import signal
 from pathlib import Path
 
 from riskva_core.errors import RiskvaError
+from riskva_core.evaluate.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 
 ENV_TRACKING_URI = "RISKVA_MLFLOW_TRACKING_URI"
 ENV_REGISTRY_URI = "RISKVA_MLFLOW_REGISTRY_URI"
@@ -31,8 +32,8 @@ class RegisterConfig:
     model_path: Path
     example_image: Path | None = None
     torch_dtype: str = "auto"
-    max_new_tokens: int = 256
-    batch_size: int = 4
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    batch_size: int = DEFAULT_BATCH_SIZE
     alias: str = "challenger"
     run_name: str | None = None
     tracking_uri: str | None = None
@@ -103,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype every load of this version uses, recorded as model_config torch_dtype: auto | "
                    "bfloat16 | float32 (default auto: bf16 on a bf16 GPU; on a CPU the checkpoint's own "
                    "dtype, bf16 for Qwen2.5-VL-7B, when the CPU computes bf16, else float32)")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="answer length of the served model (default 256)")
-    p.add_argument("--batch_size", type=int, default=4, help="images per generate() batch when served (default 4)")
+    p.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"answer length of the served model (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"images per generate() batch when served: concurrent requests share one (default "
+                   f"{DEFAULT_BATCH_SIZE}, as riskva infer)")
     p.add_argument("--alias", default="challenger", help="alias to point at the new version; '' for none "
                    "(default challenger)")
     p.add_argument("--run_name", default=None, help="MLflow run name (default register-<folder name>)")
