@@ -14,12 +14,13 @@
 #   train  --max_steps 2 --gradient_accumulation_steps 1 --save_steps 2 (two optimizer steps and one
 #          checkpoint instead of 3 epochs; the checkpoint save is where host memory used to blow up)
 #          --num_processes 1 (one CPU rank; two would need two copies of the weights)
+#          --main_process_port 0 (a free port, not 29500: the dry run's test runs beside gpu_check's)
 #   photos 1024x768, so at the recipe's pixel cap each sample is about 1000 image tokens (issue 21's
 #          memory figure is taken at that length)
 # Each step's wall time, peak RSS (whole process tree and largest process), output size and peak
 # disk growth go to WORK/steps.jsonl; `collect` writes OUT_JSON and prints the table that
 # benchmarks/RESULTS.md records.
-# --dry-run runs the same steps on the tiny model in about a minute (tests/model/test_full_7b_cpu.py).
+# --dry-run runs the same steps on the tiny model in about a minute (tests/model/test_benchmark_dry_runs.py).
 set -euo pipefail
 
 MODE=full
@@ -74,7 +75,7 @@ cp "$SNAPSHOT/tiny_model_info.json" "$WORK/model_info.json"
 
 # 2. train: the README's multi-GPU command on one CPU rank, default recipe (chosen from the base model)
 step train "$WORK" --out_dir "$WORK/train" -- \
-  "$BIN/accelerate" launch --config_file configs/deepspeed_zero2.yaml --num_processes 1 \
+  "$BIN/accelerate" launch --config_file configs/deepspeed_zero2.yaml --num_processes 1 --main_process_port 0 \
   -m riskva_core.train --model_name_or_path "$HUB_ID" --dataset_path "$WORK/prepared" \
   --output_dir "$WORK/train" --max_steps 2 --gradient_accumulation_steps 1 --save_steps 2 --report_to none
 

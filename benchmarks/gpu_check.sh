@@ -17,7 +17,7 @@
 #             1e-4 leave per-layer updates below bf16's resolution: the JSON reports how much
 #             survived (min_kept, warnings) and the gate's figures
 #   4. infer: greedy generation tokens/s at batch 8 against batch 1 on the merged model (Generator)
-# --dry-run runs the same steps on the tiny model on CPU in about a minute (tests/model/test_gpu_check.py).
+# --dry-run runs the same steps on the tiny model on CPU in about a minute (tests/model/test_benchmark_dry_runs.py).
 set -euo pipefail
 
 MODE=full
@@ -61,7 +61,8 @@ timed() {  # timed NAME CMD...: run, append "NAME seconds" to timings.txt
 # 2. model + train
 timed tiny_model "$BIN/riskva" tiny-model --size "$SIZE" --dataset_path "$WORK/prepared" --output_dir "$WORK/model" >/dev/null
 mapfile -t RECIPE < <("$PY" -c "from riskva_core.train.recipes import resolve; print('\n'.join(resolve('lora')[1]))")
-TRAIN=("$BIN/accelerate" launch --config_file configs/deepspeed_zero2.yaml --num_processes 1
+# --main_process_port 0: a free port, so the check runs beside anything else on the host.
+TRAIN=("$BIN/accelerate" launch --config_file configs/deepspeed_zero2.yaml --num_processes 1 --main_process_port 0
        -m riskva_core.train --model_name_or_path "$WORK/model" --dataset_path "$WORK/prepared"
        --output_dir "$WORK/train" "${RECIPE[@]}" --max_steps "$STEPS" --gradient_accumulation_steps "$GA"
        --save_steps 0 --logging_steps 1 --report_to none "${RECIPE_OVERRIDES[@]}")
