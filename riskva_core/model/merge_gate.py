@@ -11,11 +11,11 @@ The yardstick here is measured on the model itself, on the same inputs:
                7B never exists in fp32). It is what rounding to this dtype costs at this depth.
     tolerance  NOISE_FACTOR x noise (+ one spacing of the dtype at the largest logit), the noise
                taken relative to the base's logit scale and applied at the larger of the base's
-               and base + adapter's scales (a trained lm_head can make logits ~10x the random
-               base's, and every rounding with them). Merged and unmerged bf16 are two computations, each off
-               the exact result by about that noise (√2 if independent, 2 at worst), and the
-               merge rounds each adapted weight once more, at most half an ulp — the same order
-               as rounding one matmul output. 4 covers that with room to spare.
+               and base + adapter's scales (a trained lm_head can make logits many times the
+               random base's, and every rounding with them). Merged and unmerged bf16 are two
+               computations, each off the exact result by about that noise (√2 if independent,
+               2 at worst), and the merge rounds each adapted weight once more, at most half an
+               ulp — the same order as rounding one matmul output. 4 covers that with room to spare.
 
 The probe: a few held-out samples (the prepared dataset's test, else val split, named in the
 adapter's dataset.json; else a fixed drawn image) with the training prompt; base + adapter

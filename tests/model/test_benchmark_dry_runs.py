@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _start(script: str, args: list[str], env: dict, tmp: Path) -> subprocess.Popen:
-    log = (tmp / (Path(script).stem + ".log")).open("w")
-    return subprocess.Popen(["bash", str(REPO / script), *args], env=dict(os.environ, PYTHONPATH=str(REPO), **env),
-                            stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tmp)
+    with (tmp / (Path(script).stem + ".log")).open("wb") as log:  # the child keeps its own handle
+        return subprocess.Popen(["bash", str(REPO / script), *args], stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
+                                env=dict(os.environ, PYTHONPATH=str(REPO), **env))
 
 
 def _finished(proc: subprocess.Popen, log: Path) -> None:
