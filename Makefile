@@ -38,13 +38,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# $(call missing,WHAT,TESTS): a system package `make test` could not install. Under CI=true this stops
+# make, since CI must run those tests (they fail there instead of skipping); elsewhere they skip.
+missing = if [ "$$CI" = true ]; then echo "make: $(1) is missing and could not be installed; under CI=true $(2) must run, stopping" >&2; exit 1; \
+	  else echo "make: $(1) is missing; $(2) will be skipped"; fi
+
 # Chromium for the Dagster UI browser tests (Debian's package; never a downloaded browser).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-zenhei >/dev/null; } \
-	    || echo "make: could not install chromium; the browser tests will be skipped"; \
-	  else echo "browser tests need Chromium: sudo apt-get install -y chromium fonts-wqy-zenhei"; fi; }
+	    || { $(call missing,chromium,the browser tests); }; \
+	  else echo "browser tests need Chromium: sudo apt-get install -y chromium fonts-wqy-zenhei"; \
+	    $(call missing,chromium,the browser tests); fi; }
 
 # PostgreSQL for the scale-out storage test (Debian's package; the test starts its own cluster in a
 # temporary folder on a free port and stops it; nothing is started here).
@@ -52,16 +58,18 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
-	    || echo "make: could not install postgresql; the Postgres test will be skipped"; \
-	  else echo "the Postgres test needs PostgreSQL: sudo apt-get install -y postgresql"; fi; }
+	    || { $(call missing,postgresql,the Postgres test); }; \
+	  else echo "the Postgres test needs PostgreSQL: sudo apt-get install -y postgresql"; \
+	    $(call missing,postgresql,the Postgres test); fi; }
 
 # iproute2 for the two-node Ray test (it builds its own network namespaces; nothing is started here).
 netns:
 	@command -v ip >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; } \
-	    || echo "make: could not install iproute2; the Ray test fails under CI"; \
-	  else echo "the Ray test needs iproute2 and root: sudo apt-get install -y iproute2"; fi; }
+	    || { $(call missing,iproute2,the two-node Ray test); }; \
+	  else echo "the Ray test needs iproute2 and root: sudo apt-get install -y iproute2"; \
+	    $(call missing,iproute2,the two-node Ray test); fi; }
 
 test: install browser postgres netns
 	$(VENV)/bin/pytest

@@ -26,8 +26,15 @@ sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 FLAGS = ["--bf16", "--gradient_checkpointing", "--use_lora", "True", "--lora_r", "64", "--lora_alpha", "128",
          "--max_steps", "1", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
-         "--min_pixels", "784", "--max_pixels", "3136", "--max_length", "512", "--save_steps", "0",
+         "--min_pixels", "784", "--max_pixels", "3136", "--max_length", "512", "--save_strategy", "no",
          "--report_to", "none", "--learning_rate", "1e-4", "--eval_strategy", "no"]
+
+
+def _cpu_flags() -> list[str]:
+    """bf16 autocast on CPU ranks: upstream takes --bf16 without a GPU only with --use_cpu."""
+    import torch
+
+    return [] if torch.cuda.is_available() else ["--use_cpu"]
 
 
 def _tree_rss(root) -> dict[int, int]:
@@ -50,7 +57,7 @@ def measure(code: Path, model: Path, data: Path, out: Path, stage: int, ranks: i
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / f"configs/deepspeed_zero{stage}.yaml"),
            "--num_processes", str(ranks), "--main_process_port", str(29300 + os.getpid() % 500), "-m",
            "riskva_core.train", "--model_name_or_path", str(model), "--dataset_path", str(data),
-           "--output_dir", str(out), *FLAGS]
+           "--output_dir", str(out), *FLAGS, *_cpu_flags()]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(proc.pid)
     start = peak_in_save = peak_run = None

@@ -129,8 +129,9 @@ def real_width(a: argparse.Namespace) -> int:
         model_dir = a.model or build_tiny_model(TinyModelConfig(output_dir=root / "model", dataset_path=data,
                                                                 size="real-width"))
         flags = {**LORA_7B, "per_device_train_batch_size": a.batch, "gradient_accumulation_steps": 1,
-                 "min_pixels": 28 * 28, "max_pixels": a.image_tokens * 28 * 28, "save_steps": 0,
-                 "report_to": "none", "logging_steps": 1, "warmup_ratio": 0.0, "dataloader_num_workers": 0}
+                 "min_pixels": 28 * 28, "max_pixels": a.image_tokens * 28 * 28, "save_strategy": "no",
+                 "report_to": "none", "logging_steps": 1, "warmup_ratio": 0.0, "dataloader_num_workers": 0,
+                 "use_cpu": not torch.cuda.is_available()}  # the recipe's --bf16 on a CPU: upstream needs use_cpu
         cfg = config_from_args(to_argv(flags, model_name_or_path=model_dir, dataset_path=data,
                                        output_dir=root / "run", max_steps=1))
         _set_threads()
@@ -205,7 +206,7 @@ def main() -> int:
         model = build_tiny_model(TinyModelConfig(output_dir=root / "model", dataset_path=data, size=DEMO_CPU_MODEL_SIZE))
         runs = []
         for i in range(a.repeat):
-            argv = to_argv({**DEMO_CPU, "save_steps": 0, "logging_steps": a.steps, "report_to": "none",
+            argv = to_argv({**DEMO_CPU, "save_strategy": "no", "logging_steps": a.steps, "report_to": "none",
                             "dataloader_num_workers": a.workers},
                            model_name_or_path=model, dataset_path=data, output_dir=root / f"run{i}", max_steps=a.steps)
             result = train(config_from_args(argv))

@@ -69,7 +69,7 @@ run_riskva() {  # $1 = run number
         --weight_decay 0.0 --adam_beta2 0.999 \
         --per_device_train_batch_size 4 --gradient_accumulation_steps 1 \
         --train_sampling_strategy sequential --max_steps "$STEPS" \
-        --eval_strategy no --save_steps 0 --logging_steps 1 --report_to none \
+        --eval_strategy no --save_strategy no --logging_steps 1 --report_to none \
         --dataloader_num_workers 0 --seed 0 --bf16 False) > "$LOGDIR/$1_riskva.log" 2>&1
 }
 

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py sample-gpu-memory OUT_FILE        # until killed: peak MiB used
     python benchmarks/gpu_check.py infer MODEL DATA OUT_JSON [--max_new_tokens N] [--batch_sizes 1 8]
+    python benchmarks/gpu_check.py vllm-parity MODEL DATA OUT_JSON [--max_new_tokens N] [--n_images N]
     python benchmarks/gpu_check.py collect WORK OUT_JSON
 
 The training and merge figures come from the project's own entry points (the shell script runs
@@ -78,6 +79,126 @@ def bench_infer(model: str, data: Path, out: Path, max_new_tokens: int, batch_si
     }, indent=2, sort_keys=True))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _served(command: list[str], env: dict, url: str, log: Path, ask, timeout: float = 900):
+    """Start a server, wait for ``url/v1/models``, return ``ask(url)``; always stop it (its GPU memory too)."""
+    import os
+    import signal
+    import urllib.request
+
+    with log.open("ab") as handle:
+        proc = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"gpu_check: {command[0]} exited with {proc.returncode}; see {log}")
+            try:
+                with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"gpu_check: {command[0]} not up after {timeout:.0f} s; see {log}")
+            time.sleep(2)
+        return ask(url)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def vllm_parity(model: Path, data: Path, out: Path, max_new_tokens: int, n_images: int) -> bool:
+    """Greedy answers of `vllm serve MODEL` against `riskva serve --api openai` on the test photos.
+
+    The merged folder is a standard Hugging Face folder, so vLLM serves it as is. Each engine gets
+    what riskva's own path feeds the model: the photo after the model's image policy (sent to vLLM
+    losslessly as PNG) and the prompt riskva builds (the model's prompt_template as chat messages,
+    rendered by the same chat template). vLLM runs with its own defaults instead of the folder's
+    generation_config (``--generation-config vllm``), since riskva decodes without the base
+    model's repetition penalty; temperature 0 in the request. The servers run one after the
+    other, so each has the GPU to itself."""
+    import base64
+    import io
+    import os
+    import urllib.request
+
+    from riskva_core.data.image_policy import ImagePolicy
+    from riskva_core.data.samples import read_samples
+    from riskva_core.evaluate.infer import load_prompt_template
+
+    samples = [s for split in ("test", "val", "train") for s in read_samples(data, split)][:n_images]
+    photos = [s.image_file.read_bytes() for s in samples]
+    policy, template = ImagePolicy.load(model), load_prompt_template(model)
+
+    def png(data: bytes) -> str:
+        buf = io.BytesIO()
+        policy.apply(data, "photo").save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    def ask(bodies):
+        def run(url):
+            answers = []
+            for body in bodies:
+                req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=600) as resp:
+                    r = json.loads(resp.read())
+                answers.append({"text": r["choices"][0]["message"]["content"].strip(),
+                                "prompt_tokens": r["usage"]["prompt_tokens"],
+                                "completion_tokens": r["usage"]["completion_tokens"]})
+            return answers
+        return run
+
+    work = out.parent / "vllm_parity"
+    work.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RISKVA_HOME": str(work / "home")}
+    env.pop("RISKVA_MLFLOW_TRACKING_URI", None)
+    subprocess.run([str(bin_dir / "riskva"), "register", "--model_path", str(model), "--example_image",
+                    str(samples[0].image_file), "--max_new_tokens", str(max_new_tokens), "--alias", "champion"],
+                   env=env, check=True)
+    riskva_bodies = [{"model": "riskva", "temperature": 0, "max_tokens": max_new_tokens, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/jpeg;base64," + base64.b64encode(p).decode()}}]}]} for p in photos]
+    port = _free_port()
+    riskva = _served([str(bin_dir / "riskva"), "serve", "--api", "openai", "--port", str(port)], env,
+                     f"http://127.0.0.1:{port}", work / "riskva_serve.log", ask(riskva_bodies))
+    system, user = template.messages(None)
+    vllm_bodies = [{"model": "riskva", "temperature": 0, "max_tokens": max_new_tokens, "seed": 0, "messages": [
+        {"role": "system", "content": system["content"]},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png(p)}},
+                                     *[c for c in user["content"] if c["type"] == "text"]]}]} for p in photos]
+    port = _free_port()
+    vllm_bin = str(bin_dir / "vllm") if (bin_dir / "vllm").exists() else "vllm"
+    vllm = _served([vllm_bin, "serve", str(model), "--port", str(port), "--host", "127.0.0.1",
+                    "--served-model-name", "riskva", "--dtype", "bfloat16", "--generation-config", "vllm",
+                    "--max-model-len", "8192", "--enforce-eager", "--seed", "0"], env,
+                   f"http://127.0.0.1:{port}", work / "vllm_serve.log", ask(vllm_bodies))
+    equal = [a["text"] == b["text"] for a, b in zip(riskva, vllm)]
+    import vllm as vllm_module
+
+    result = {"vllm_version": vllm_module.__version__, "photos": len(photos), "equal": sum(equal),
+              "all_equal": all(equal), "max_new_tokens": max_new_tokens,
+              "prompt_tokens": {"riskva": [a["prompt_tokens"] for a in riskva],
+                                "vllm": [b["prompt_tokens"] for b in vllm]},
+              "differences": [{"photo": str(samples[i].image_file), "riskva": riskva[i]["text"],
+                               "vllm": vllm[i]["text"]} for i, same in enumerate(equal) if not same]}
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False, sort_keys=True))
+    return all(equal)
+
+
 def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -116,6 +237,7 @@ def collect(work: Path, out: Path) -> None:
             "lora_layers": merge_report.get("lora_layers"),
         },
         "infer": _json(work / "infer.json"),
+        "vllm": _json(work / "vllm.json"),
         "build_model_seconds": timings.get("tiny_model"),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--max_new_tokens", type=int, default=64)
     i.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
     i.add_argument("--n_images", type=int, default=8)
+    v = sub.add_parser("vllm-parity")
+    v.add_argument("model", type=Path)
+    v.add_argument("data", type=Path)
+    v.add_argument("out", type=Path)
+    v.add_argument("--max_new_tokens", type=int, default=64)
+    v.add_argument("--n_images", type=int, default=8)
     c = sub.add_parser("collect")
     c.add_argument("work", type=Path)
     c.add_argument("out", type=Path)
@@ -143,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         sample_gpu_memory(a.out)
     elif a.cmd == "infer":
         bench_infer(a.model, a.data, a.out, a.max_new_tokens, a.batch_sizes, a.n_images)
+    elif a.cmd == "vllm-parity":
+        if not vllm_parity(a.model, a.data, a.out, a.max_new_tokens, a.n_images):
+            print(f"gpu_check: vLLM's greedy answers differ from riskva serve's (see {a.out})", file=sys.stderr)
+            return 1
     else:
         collect(a.work, a.out)
     return 0

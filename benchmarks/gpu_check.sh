@@ -17,6 +17,10 @@
 #             1e-4 leave per-layer updates below bf16's resolution: the JSON reports how much
 #             survived (min_kept, warnings) and the gate's figures
 #   4. infer: greedy generation tokens/s at batch 8 against batch 1 on the merged model (Generator)
+#   5. vllm:  where `vllm` is importable, `vllm serve` on the merged folder (a standard Hugging Face
+#             folder) answers the test photos, and its greedy answers must equal `riskva serve --api
+#             openai`'s (same pixels, same prompt; gpu_check.py vllm-parity). Skipped, with a printed line,
+#             where vllm is absent and in --dry-run: nothing about vLLM is run or claimed on a CPU.
 # --dry-run runs the same steps on the tiny model on CPU in about a minute (tests/model/test_benchmark_dry_runs.py).
 set -euo pipefail
 
@@ -42,8 +46,9 @@ if [[ "$MODE" == full ]]; then
 else
   SIZE=tiny; IMAGES=(128 96); N_IMAGES=10; STEPS=2; GA=1; NEW_TOKENS=4
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
-  # The same recipe, shrunk where a CPU needs it (the 7B recipe's bf16 is kept: DeepSpeed bf16 on CPU ranks).
-  RECIPE_OVERRIDES=(--min_pixels 784 --max_pixels 3136 --max_length 512 --lora_r 4 --lora_alpha 8)
+  # The same recipe, shrunk where a CPU needs it (the 7B recipe's bf16 is kept: DeepSpeed bf16 on CPU ranks,
+  # which upstream allows with --use_cpu).
+  RECIPE_OVERRIDES=(--min_pixels 784 --max_pixels 3136 --max_length 512 --lora_r 4 --lora_alpha 8 --use_cpu)
 fi
 
 timed() {  # timed NAME CMD...: run, append "NAME seconds" to timings.txt
@@ -65,7 +70,7 @@ mapfile -t RECIPE < <("$PY" -c "from riskva_core.train.recipes import resolve; p
 TRAIN=("$BIN/accelerate" launch --config_file configs/deepspeed_zero2.yaml --num_processes 1 --main_process_port 0
        -m riskva_core.train --model_name_or_path "$WORK/model" --dataset_path "$WORK/prepared"
        --output_dir "$WORK/train" "${RECIPE[@]}" --max_steps "$STEPS" --gradient_accumulation_steps "$GA"
-       --save_steps 0 --logging_steps 1 --report_to none "${RECIPE_OVERRIDES[@]}")
+       --save_strategy no --logging_steps 1 --report_to none "${RECIPE_OVERRIDES[@]}")
 printf '%q ' "${TRAIN[@]}" > "$WORK/train_command.txt"
 SAMPLER=""
 trap 'if [[ -n "$SAMPLER" ]]; then kill "$SAMPLER" 2>/dev/null || true; fi' EXIT  # also when a step fails
@@ -83,5 +88,27 @@ timed merge "$BIN/riskva" merge --base_model_path "$WORK/model" --adapter_path "
 timed infer "$PY" benchmarks/gpu_check.py infer "$WORK/merged" "$WORK/prepared" "$WORK/infer.json" \
   --max_new_tokens "$NEW_TOKENS" --batch_sizes 1 8 --n_images 8
 
+# 5. vLLM against riskva serve (not `timed`: its failure must reach the exit status)
+VLLM_SAME=yes
+if [[ "$MODE" != full ]]; then
+  SKIP="a dry run on CPU: nothing about vLLM is run or claimed"
+elif ! "$PY" -c "import vllm" 2>/dev/null; then
+  SKIP="vllm is not installed in $PY's environment"
+else
+  SKIP=""
+  t0=$EPOCHREALTIME
+  "$PY" benchmarks/gpu_check.py vllm-parity "$WORK/merged" "$WORK/prepared" "$WORK/vllm.json" \
+    --max_new_tokens "$NEW_TOKENS" --n_images 8 || VLLM_SAME=no
+  awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "vllm %.3f\n", b - a }' >> "$WORK/timings.txt"
+fi
+if [[ -n "$SKIP" ]]; then
+  echo "gpu_check: vLLM step skipped: $SKIP" >&2
+  "$PY" -c 'import json, sys; print(json.dumps({"skipped": sys.argv[1]}))' "$SKIP" > "$WORK/vllm.json"
+fi
+
 "$PY" benchmarks/gpu_check.py collect "$WORK" "$OUT"
 echo "gpu_check: wrote $OUT (work folder $WORK)" >&2
+if [[ "$VLLM_SAME" != yes ]]; then
+  echo "gpu_check: vLLM's greedy answers are not riskva serve's (or vLLM did not answer): see $WORK/vllm.json and $WORK/vllm_parity/" >&2
+  exit 1
+fi

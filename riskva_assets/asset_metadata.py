@@ -2,7 +2,6 @@
 # No `from __future__ import annotations`: Dagster reads the config/context annotations at runtime.
 
 import ast
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -22,9 +21,10 @@ from .resources import REPO_ROOT
 # lineage plumbing) is not hashed nor followed: it does not change what an asset produces.
 # What a function reaches other than by import:
 ASSET_MODULES = ("riskva_assets/data_assets.py", "riskva_assets/model_assets.py", "riskva_assets/registry_assets.py")
-EXTRA_MODULES: dict[str, tuple[str, ...]] = {"lora_adapter": ("riskva_assets.pipes_train",)}  # run by accelerate
-EXTRA_FILES: dict[str, tuple[str, ...]] = {"lora_adapter": ("riskva_assets/pipes_train.py",
-                                                            "configs/deepspeed_zero2.yaml", "configs/ds_zero2.json")}
+# lora_adapter: the training every rank runs (riskva_core/launch/rank.py calls it). The launch package
+# itself (how ranks are started, report and resume) does not change the weights and is not hashed.
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {"lora_adapter": ("riskva_core.train.sft",)}
+EXTRA_FILES: dict[str, tuple[str, ...]] = {"lora_adapter": ("configs/deepspeed_zero2.yaml", "configs/ds_zero2.json")}
 
 
 def _asset_functions(module: Path) -> dict[str, str]:
@@ -62,18 +62,12 @@ ASSET_SOURCES: dict[str, tuple[str, ...]] = asset_sources()
 
 
 def source_version(sources: Sequence[str], root: Path = REPO_ROOT) -> str:
-    """sha256[:16] over (path, content) of the given files and every *.py under the given folders."""
-    h = hashlib.sha256()
-    for item in sources:
-        target = root / item
-        files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
-        for f in files:
-            if "__pycache__" in f.parts:
-                continue
-            h.update(f.relative_to(root).as_posix().encode() + b"\0")
-            h.update(f.read_bytes() if f.is_file() else b"<missing>")
-            h.update(b"\0")
-    return h.hexdigest()[:16]
+    """sha256[:16] over (path, meaning) of the given files and every *.py under the given folders:
+    Python files by their syntax tree without docstrings, config files as parsed data, so an edit to
+    comments or docstrings keeps the code version (riskva_core/launch/resume.py)."""
+    from riskva_core.launch.resume import source_version as meaning_version
+
+    return meaning_version(sources, root)
 
 
 CODE_VERSIONS: dict[str, str] = {key: source_version(src) for key, src in ASSET_SOURCES.items()}

@@ -132,8 +132,11 @@ class PrepareAssetConfig(dg.Config):
     image_quality: int = Field(default=85, description="JPEG quality of the normalised images")
     max_image_side: int = Field(default=1024, description="images are fit within this square, never upscaled")
     max_reject_ratio: float = Field(default=0.1, description="same limit as raw_metadata's schema_valid")
-    near_duplicate_radius: int = Field(default=10, description="photos whose perceptual hashes differ in at most "
-                                       "this many of 64 bits are one group, kept in one split (0: identical only)")
+    # = riskva_core.data.groups.DEFAULT_RADIUS (tests/data/test_groups.py checks), not imported: groups
+    # loads imagehash, which every load of the definitions would pay for.
+    near_duplicate_radius: int = Field(default=8, description="photos with any two perceptual hashes "
+                                       "(full frame, central crops) within this many of 64 bits are one group, kept "
+                                       "in one split (0: identical only)")
     group_column: Optional[str] = Field(default=None, description="CSV column whose equal values form one group too "
                                         "(e.g. a site or inspection id)")
     prompt_config: Optional[str] = Field(
@@ -188,6 +191,8 @@ def _prepare(context: dg.AssetExecutionContext, config: PrepareAssetConfig, path
                                      for s in info["counts"]])),
             "split_groups": dg.MetadataValue.json(dict(info["groups"])),
             "excluded_near_duplicates": dg.MetadataValue.json(split["excluded"][:50]),
+            # oversized near-duplicate groups, split shares off the requested ratios (groups.py)
+            "split_warnings": dg.MetadataValue.json(split.get("warnings", [])),
             "history_versions": dg.MetadataValue.json([v for v in earlier if str(root.prepared_dir(v, fmt)) in history]),
             "dagster/row_count": int(sum(info["counts"].values())),
             "bytes": lineage.folder_bytes(out),

@@ -57,6 +57,36 @@ def upstream_data_versions(context: dg.AssetExecutionContext, keys: list[str]) -
     return out
 
 
+# What an adapter is trained on, read directly (the prepared data, the pinned base), and what the
+# prepared data was built from: the validated data as it was when sft_jsonl was last materialized
+# (raw_metadata's newest materialization before it), not raw_metadata's latest, which may be newer
+# than the prepared folder the run read.
+TRAINED_ON = ("sft_jsonl", "base_model")
+BUILT_FROM = {"sft_jsonl": ("raw_metadata",)}
+
+
+def _latest(context: dg.AssetExecutionContext, key: str, before: int | None = None):
+    result = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[context.partition_key],
+                              before_storage_id=before), limit=1)
+    return result.records[0] if result.records else None
+
+
+def trained_on_versions(context: dg.AssetExecutionContext) -> dict[str, str]:
+    """Data versions an adapter trained now reads: :data:`TRAINED_ON` (latest materializations of
+    this partition) and :data:`BUILT_FROM` (as they were when those were materialized)."""
+    out = upstream_data_versions(context, list(TRAINED_ON))
+    for key, sources in BUILT_FROM.items():
+        built = _latest(context, key)
+        for source in sources:
+            record = _latest(context, source, before=built.storage_id) if built is not None else None
+            mat = record.asset_materialization if record is not None else None
+            version = (mat.tags or {}).get("dagster/data_version") if mat else None
+            if version:
+                out[source] = version
+    return dict(sorted(out.items()))
+
+
 def git_commit() -> str | None:
     """The repository's HEAD commit (with '+dirty' for local changes), or None outside git."""
     try:

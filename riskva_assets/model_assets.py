@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Optional
 
 import dagster as dg
-from dagster._core.errors import DagsterPipesExecutionError
 from pydantic import Field
 
 from riskva_core.train.recipes import DEMO_CPU_MODEL_SIZE
@@ -13,9 +12,11 @@ from riskva_core.train.recipes import DEMO_CPU_MODEL_SIZE
 from . import lineage
 from .asset_metadata import CODE_VERSIONS, MODEL, json_or_none
 from .partitions import dataset_version
+from .launch_resources import TrainingFailed
 from .resources import REPO_ROOT, DataRootResource, TrainingLauncher
-from .resume import (STOPPED_FILE, adapter_version, config_files_digest, identity_sha256, launcher_config_files,
-                     mark_complete, plan_resume, run_identity, with_resume)
+from .resume import (LINEAGE_FILE, STOPPED_FILE, adapter_version, config_files_digest, finished_run_record,
+                     identity_sha256, launcher_config_files, lineage_differences, mark_complete,
+                     newest_superseded_lineage, plan_resume, read_lineage, run_identity, with_resume, write_lineage)
 
 PIN_LINEAGE = "base_model.json"  # in the adapter folder: the pinned base it was trained on (merge uses it)
 
@@ -161,7 +162,7 @@ class TrainConfig(dg.Config):
     deps=["base_model", "sft_jsonl"],
     pool="gpu",
     description="LoRA SFT adapter, trained out of process through Dagster Pipes: `accelerate launch` with the "
-    "DeepSpeed ZeRO-2 config runs riskva_assets.pipes_train on every rank; rank 0 alone streams logs and "
+    "DeepSpeed ZeRO-2 config runs riskva_core.launch.rank on every rank; rank 0 alone streams logs and "
     "reports the materialization. Cancelling the run sends SIGTERM to every rank: each saves a checkpoint "
     "and exits. A retry or re-execution resumes from the newest checkpoint of the same data versions, pinned "
     "base model, training code, launcher config and training flags (run_identity.json beside the checkpoints; "
@@ -183,10 +184,16 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
         "--output_dir", str(out),
         *train_args,
     ]
+    from riskva_core.errors import RiskvaError
+
     launcher_files = launcher_config_files(launcher.config_path(), args, REPO_ROOT)
-    identity = run_identity(args, lineage.upstream_data_versions(context, ["sft_jsonl", "base_model"]), pin.identity,
-                            launcher.ranks(), code_version=CODE_VERSIONS["lora_adapter"],
-                            launcher_config_sha256=config_files_digest(launcher_files))
+    trained_on = lineage.trained_on_versions(context)
+    try:
+        identity = run_identity(args, {k: v for k, v in trained_on.items() if k in lineage.TRAINED_ON}, pin.identity,
+                                launcher.ranks(), code_version=CODE_VERSIONS["lora_adapter"],
+                                launcher_config_sha256=config_files_digest(launcher_files))
+    except RiskvaError as exc:  # a flag that does not parse: nothing launched, nothing moved aside
+        raise dg.Failure(description=f"lora_adapter: {exc}", allow_retries=False) from None
     adapter = out / "adapter"
     plan = plan_resume(out, identity, adapter_version(adapter))
     common = {"num_processes": launcher.ranks(), "recipe": recipe, "base_model_pinned": pin.identity,
@@ -199,7 +206,8 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
     if plan.action == "reuse":
         return dg.MaterializeResult(
             metadata={**common, "adapter": dg.MetadataValue.path(str(adapter)), "reused_finished_run": True,
-                      "resumed": False, "trained_steps": 0, "step": plan.completed.get("step")},
+                      "resumed": False, "trained_steps": 0, "step": plan.completed.get("step"),
+                      "lineage": dg.MetadataValue.json(read_lineage(adapter) or {})},
             data_version=dg.DataVersion(plan.completed["adapter_version"]),
         )
     from riskva_core.train.checkpoint import list_checkpoints
@@ -210,8 +218,8 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
     command = launcher.command(with_resume(args, plan.resume))
     context.log.info("training: " + lineage_command(command))
     try:
-        invocation = launcher.run(context, command, extra_env=pin.env())  # local | ray | k8s (launchers.py)
-    except DagsterPipesExecutionError:
+        invocation = launcher.run(context, command, extra_env=pin.env())  # local | ray | k8s (launch_resources.py)
+    except TrainingFailed:
         retry_if_preempted(context, out, launcher)
         raise
     retry_if_preempted(context, out, launcher)
@@ -224,6 +232,15 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
     digest = lineage.folder_hash(adapter, ("adapter_*", "*.json"))
     data_version = reported.data_version or dg.DataVersion(digest[:16])
     step = getattr((reported.metadata or {}).get("step"), "value", None)
+    fingerprint = getattr((reported.metadata or {}).get("dataset_fingerprint"), "value", None)
+    # The finished run's record of what produced these weights, written now that they exist (never
+    # before training: a run that fails leaves no record, and supersede() moved the old adapter aside).
+    record = finished_run_record(
+        identity, adapter, data_versions=trained_on, code_versions={"lora_adapter": identity["code_version"]},
+        base_model={"name": launcher.base_model_path or "demo", "identity": pin.identity, "revision": pin.revision},
+        step=step, dataset_version=version, dataset_fingerprint=fingerprint, git_commit=lineage.git_commit(),
+        dagster_run_id=context.run_id)
+    write_lineage(adapter, record)
     mark_complete(out, identity, data_version.value, step)
     return dg.MaterializeResult(
         metadata={
@@ -236,6 +253,7 @@ def lora_adapter(context: dg.AssetExecutionContext, config: TrainConfig, paths: 
             "preemption_retries_used": context.retry_number,
             "launcher": launcher.launcher,
             "command": dg.MetadataValue.md(f"```\n{lineage_command(command)}\n```"),
+            "lineage": dg.MetadataValue.json(record),
         },
         data_version=data_version,
     )
@@ -254,14 +272,56 @@ def retry_if_preempted(context: dg.AssetExecutionContext, out: Path, launcher: T
 
 
 def lineage_command(command: list[str]) -> str:
-    from .pipes_client import format_command
+    import shlex
 
-    return format_command(command)
+    return shlex.join(command)
+
+
+def current_upstream(context: dg.AssetExecutionContext) -> tuple[dict[str, str], dict[str, str]]:
+    """(data versions, code versions) an adapter trained now would record: what lineage records are
+    compared with."""
+    return lineage.trained_on_versions(context), {"lora_adapter": CODE_VERSIONS["lora_adapter"]}
+
+
+def lineage_problem(context: dg.AssetExecutionContext, record: dict, what: str) -> Optional[str]:
+    """One line when ``record`` (an adapter's lineage) does not match the current upstream, else None."""
+    diffs = lineage_differences(record, *current_upstream(context))
+    if not diffs:
+        return None
+    return (f"{what} was trained on {', '.join(diffs)} (recorded vs now): materialize lora_adapter for "
+            f"{context.partition_key}, then merged_model")
+
+
+def adapter_problem(context: dg.AssetExecutionContext, train_dir: Path) -> Optional[str]:
+    """Why the adapter in ``train_dir`` must not be merged now, in one line, or None."""
+    adapter = train_dir / "adapter"
+    now = adapter_version(adapter)
+    todo = f"materialize lora_adapter for {context.partition_key}"
+    if now is None:
+        moved = newest_superseded_lineage(train_dir)
+        if moved is None:
+            return f"no adapter at {adapter}: {todo}"
+        diffs = lineage_differences(moved[1] or {}, *current_upstream(context))
+        return (f"no finished adapter at {adapter}: a newer lora_adapter run moved the last one to {moved[0]} and "
+                f"did not finish" + (f" (that one was trained on {', '.join(diffs)}, recorded vs now)" if diffs else "")
+                + f": {todo}")
+    record = read_lineage(adapter)
+    if record is None:
+        return f"{adapter} has no lineage record ({LINEAGE_FILE}, written when a lora_adapter run finishes): {todo}"
+    if record.get("adapter_version") != now:
+        return (f"{adapter}: its weights ({now}) are not the ones its lineage record describes "
+                f"({record.get('adapter_version')}): {todo}")
+    return lineage_problem(context, record, f"the adapter at {adapter}")
 
 
 def merge_verdict(report: dict) -> tuple[bool, str]:
-    """Whether a merge report says merged == base+adapter, and the numbers behind it: the report's
-    own ``equivalent`` verdict when it has one, else every logit difference below the tolerance."""
+    """Whether a merge report lets its model be registered, and the account behind it: the report's
+    ``verdict`` when it has one (``equivalent``, or ``unverifiable``: the gate could not tell a lost
+    adapter from a kept one, so evaluation judges it), else its ``equivalent`` flag, else every
+    logit difference below the tolerance (older reports)."""
+    if "verdict" in report:
+        return (report["verdict"] in ("equivalent", "unverifiable"),
+                f"{report.get('verdict_reason') or report['verdict']}")
     tol = report.get("tolerance_abs", report.get("tolerance"))
     diffs = {k: report.get(k) for k in ("max_abs_logit_diff", "reload_max_abs_logit_diff")}
     measured = tol is not None and diffs["max_abs_logit_diff"] is not None
@@ -274,6 +334,16 @@ def merge_verdict(report: dict) -> tuple[bool, str]:
     return all(float(v) <= float(tol) for v in diffs.values() if v is not None), text
 
 
+def merge_check(report: dict) -> dg.AssetCheckResult:
+    """The `merge_equivalent` check of a saved merge: passed when equivalent; an ``unverifiable``
+    verdict fails it at WARN severity, which does not block registration (evaluation judges)."""
+    passed, detail = merge_verdict(report)
+    unverifiable = report.get("verdict") == "unverifiable"
+    return dg.AssetCheckResult(check_name="merge_equivalent", passed=passed and not unverifiable,
+                               severity=dg.AssetCheckSeverity.WARN if unverifiable else dg.AssetCheckSeverity.ERROR,
+                               description=detail, metadata={"verdict": str(report.get("verdict", "-"))})
+
+
 @dg.asset(
     partitions_def=dataset_version,
     group_name=MODEL,
@@ -284,21 +354,30 @@ def merge_verdict(report: dict) -> tuple[bool, str]:
     check_specs=[dg.AssetCheckSpec(
         "merge_equivalent", asset="merged_model", blocking=True,
         description="merged and base+adapter give the same logits (merge_report.json); blocks registration "
-        "when they do not",
+        "when they do not; fails at WARN, not blocking, when the verdict is unverifiable (the adapter's effect "
+        "is within the merge's own noise: evaluation judges)",
     )],
     description="Base model with the LoRA adapter merged in (riskva_core.model.merge) in the base's dtype, "
     "with the report: the saved model and base+adapter give the same logits on a probe input, and how much "
     "of each layer's LoRA update survived the cast. The blocking check `merge_equivalent` stops registration "
-    "when the verification fails. In the `gpu` pool.",
+    "when the verification fails. Refuses (one line: what differs, what to run) an adapter whose lineage record "
+    "(adapter/lineage.json) does not match the current prepared data, base model and training code, and copies "
+    "that record into merge_report.json (`adapter_lineage`). In the `gpu` pool.",
 )
 def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,
                  launcher: TrainingLauncher) -> dg.MaterializeResult:
     from riskva_core.errors import RiskvaError
     from riskva_core.model.merge import MergeConfig, merge
 
+    from riskva_core.atomic import write_json
+
     root = paths.layout()
     version = context.partition_key
     out = root.merged_dir(version)
+    problem = adapter_problem(context, root.train_dir(version))
+    if problem is not None:  # merging cannot make the adapter current: fail once, saying why
+        raise dg.Failure(description=f"merged_model refuses to merge: {problem}", allow_retries=False)
+    record = read_lineage(root.train_dir(version) / "adapter")
     try:
         adapter = root.train_dir(version) / "adapter"
         # The pinned copy the adapter was trained on, never a second look-up of a moving reference.
@@ -313,7 +392,11 @@ def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,
             check_results=[dg.AssetCheckResult(check_name="merge_equivalent", passed=False,
                                                severity=dg.AssetCheckSeverity.ERROR, description=str(exc))],
         )
-    passed, detail = merge_verdict(json_or_none(out / "merge_report.json") or report)
+    # The report carries the adapter's own record: registration tags the version from it.
+    report = {**(json_or_none(out / "merge_report.json") or report), "adapter_lineage": record,
+              "merged_by": {"code_version": CODE_VERSIONS["merged_model"]}}
+    write_json(out / "merge_report.json", report)
+    check = merge_check(report)
     digest = lineage.folder_hash(out, ("*.safetensors", "*.json"))
     summary = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
     return dg.MaterializeResult(
@@ -325,6 +408,5 @@ def merged_model(context: dg.AssetExecutionContext, paths: DataRootResource,
                for k, v in summary.items() if isinstance(v, (int, float, str, bool))},
         },
         data_version=dg.DataVersion(digest[:16]),
-        check_results=[dg.AssetCheckResult(check_name="merge_equivalent", passed=passed,
-                                           severity=dg.AssetCheckSeverity.ERROR, description=detail)],
+        check_results=[check],
     )

@@ -15,9 +15,10 @@ from riskva_core.evaluate.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_
 
 from . import lineage
 from .asset_metadata import CODE_VERSIONS, REGISTRY, confusion_table, json_or_none, md_table, rounded, upstream_metadata
-from .model_assets import base_model_tags
+from .model_assets import lineage_problem
 from .partitions import dataset_version
-from .resources import DataRootResource, MlflowResource, TrainingLauncher
+from .resources import DataRootResource, MlflowResource
+from .resume import lineage_tags
 
 # Run tag (set when the MLflow run starts, before the version exists) naming the merged model's content
 # hash: a retry or re-execution finds the version already logged for the same content and reuses it.
@@ -62,10 +63,42 @@ def stale_merge_problem(merged, adapter_dir) -> Optional[str]:
     weights = adapter_dir / "adapter_model.safetensors"
     current = lineage.file_sha256(weights) if weights.is_file() else None
     recorded = report.get("adapter_sha256")
-    if current is not None and recorded != current:
+    if current is None:
+        return (f"{merged} was merged from adapter {str(recorded)[:12]}, and there is no adapter at {adapter_dir} now "
+                "(a newer lora_adapter run moved it aside and did not finish): materialize lora_adapter, then "
+                "merged_model")
+    if recorded != current:
         return (f"{merged} was merged from adapter {str(recorded)[:12]}, not from the current adapter {current[:12]} "
                 f"({weights}): the newest merge did not complete, so this folder is stale")
     return None
+
+
+def merged_lineage_problem(context: dg.AssetExecutionContext, merged) -> Optional[str]:
+    """Why the adapter lineage the merge report carries forbids registering ``merged`` now, or None."""
+    report = json_or_none(merged / "merge_report.json")
+    record = report.get("adapter_lineage") if report is not None else None
+    if report is None:
+        return None  # stale_merge_problem names the missing report
+    if not isinstance(record, dict):
+        return (f"{merged}: its merge report carries no adapter lineage record (merged before lineage records "
+                "were kept): materialize lora_adapter, then merged_model")
+    return lineage_problem(context, record, f"{merged} was merged from an adapter that")
+
+
+def registry_tags(report: dict, merged_sha: str, run_id: str) -> dict[str, str]:
+    """The version's tags, all from what produced the weights: the adapter's own lineage record (copied
+    into the merge report), the merge that wrote them, and this registration's own code and run."""
+    merged_by = report.get("merged_by") or {}
+    return {
+        **lineage_tags(report["adapter_lineage"]),
+        **({"code_version.merged_model": merged_by["code_version"]} if merged_by.get("code_version") else {}),
+        "code_version.registered_model": CODE_VERSIONS["registered_model"],
+        "data_version.merged_model": merged_sha,
+        MERGED_SHA_TAG: merged_sha,
+        **({"merge.verdict": str(report["verdict"])} if report.get("verdict") else {}),
+        "dagster_run_id": run_id,  # the run that registered the version
+        f"dagster_run.{run_id}": "registered",
+    }
 
 
 def find_registered(registry: reg.Registry, merged_sha: str) -> Optional[reg.RegisteredVersion]:
@@ -100,39 +133,39 @@ def find_registered(registry: reg.Registry, merged_sha: str) -> Optional[reg.Reg
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
     description="The merged model logged to MLflow as the RisKVA pyfunc (image bytes/base64 → four report "
     "fields + raw text; signature and input example set), registered as a new version of `riskva`, "
-    "tagged with its lineage (data versions, per-asset code versions, base model) and given the alias "
-    "`challenger`. Idempotent: a retry or re-execution for the same merged-model content reuses the version "
-    "already registered instead of adding one.",
+    "tagged with the lineage of its weights: the adapter's own record (data versions, training code version, "
+    "base model, config and seed, copied into the merge report), the merge's code version and verdict; never "
+    "the state at registration. Refuses a merge whose adapter record does not match the current upstream. "
+    "Given the alias `challenger`. Idempotent: a retry or re-execution for the same merged-model content "
+    "reuses the version already registered, keeps its tags and adds this run's id as a new tag.",
 )
 def registered_model(context: dg.AssetExecutionContext, config: RegisterConfig, paths: DataRootResource,
-                     mlflow: MlflowResource, launcher: TrainingLauncher) -> dg.MaterializeResult:
+                     mlflow: MlflowResource) -> dg.MaterializeResult:
     root = paths.layout()
     version = context.partition_key
     registry = mlflow.registry()
     merged = root.merged_dir(version)
-    problem = stale_merge_problem(merged, root.train_dir(version) / "adapter")
+    problem = merged_lineage_problem(context, merged) or stale_merge_problem(merged, root.train_dir(version) / "adapter")
     if problem is not None:  # retrying cannot make the folder current: fail once, saying why
         raise dg.Failure(description=f"registered_model refuses to register: {problem}", allow_retries=False)
-    upstream = lineage.upstream_data_versions(context, ["raw_metadata", "sft_jsonl", "sft_parquet", "base_model",
-                                                        "lora_adapter", "merged_model"])
+    upstream = lineage.upstream_data_versions(context, ["merged_model"])
     merged_sha = upstream.get("merged_model") or lineage.folder_hash(merged, ("*.safetensors", "*.json"))[:16]
-    tags = {
-        "dataset_version": version,
-        "dagster_run_id": context.run_id,
-        "base_model": launcher.base_model_path or "demo",
-        **base_model_tags(root.train_dir(version) / "adapter"),  # the pinned commit / MLflow version trained on
-        **{f"code_version.{k}": v for k, v in CODE_VERSIONS.items()},
-        **{f"data_version.{k}": v for k, v in upstream.items()},
-        MERGED_SHA_TAG: merged_sha,
-    }
-    commit = lineage.git_commit()
-    if commit:
-        tags["git_commit"] = commit
+    report = json_or_none(merged / "merge_report.json") or {}
+    tags = registry_tags(report, merged_sha, context.run_id)
     rv = find_registered(registry, merged_sha)
     reused = rv is not None
     if rv is not None:
         context.log.info(f"merged model {merged_sha} is already registered as version {rv.version}: reusing it")
-        registry.set_tags(rv.version, tags)  # this run's lineage (run id) on the reused version
+        # Same weights: the version keeps the lineage it was registered with. This run is added as a
+        # tag of its own; only tags the version lacks (a registration killed before tagging) are filled.
+        existing = dict(registry.get_version(rv.version).tags or {})
+        differ = sorted(k for k in lineage_tags(report["adapter_lineage"]) if k in existing and existing[k] != tags[k])
+        if differ:
+            context.log.warning(f"version {rv.version} keeps its lineage tags; this merge's adapter record differs "
+                                f"on {', '.join(differ)} (same weights from another run)")
+        added = {**{k: v for k, v in tags.items() if k not in existing}, f"dagster_run.{context.run_id}": "reused"}
+        registry.set_tags(rv.version, added)
+        tags = {**existing, **added}
     else:
         dataset_info = root.prepared_dir(version, "parquet") / "dataset_info.json"
         rv = registry.log_model(
@@ -180,8 +213,8 @@ class PromotionConfig(ThresholdsConfig):
     margin: float = Field(default=0.02, description="non-inferiority margin: on accuracy, severe recall and parse "
                           "rate the lower 95% bound of challenger − champion must be above −margin")
     n_resamples: int = Field(default=1000, description="bootstrap resamples")
-    min_samples: int = Field(default=100, description="a guarded metric over part of the split (severe recall) "
-                             "with fewer paired samples says so instead of blocking when it cannot tell")
+    power: float = Field(default=0.8, description="the power at which an inconclusive decision names the test "
+                         "photos (severe recall: 严重 photos) that would show non-inferiority")
     seed: int = Field(default=0, description="bootstrap seed")
 
 
@@ -269,7 +302,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: ThresholdsConfi
     code_version=CODE_VERSIONS["champion_promotion"],
     pool="gpu",  # loads the model onto the accelerator: one such asset at a time
     deps=["evaluation_report"],
-    description="Challenger vs champion on this version's test split (paired bootstrap), a non-inferiority "
+    description="Challenger vs champion on this version's test split (paired bootstrap over the split's "
+    "near-duplicate groups), a non-inferiority "
     "rule with three outcomes (riskva_core.registry.promotion): promoted when it meets the absolute thresholds "
     "and, on 风险等级 accuracy, severe recall and parse rate, the lower end of the 95% interval of challenger − "
     "champion is above −margin; rejected when it misses a threshold or is measured worse; inconclusive (the "
@@ -313,7 +347,8 @@ def champion_promotion(context: dg.AssetExecutionContext, config: PromotionConfi
                                       "model re-registered); aliases unchanged", champion_version=champion,
                                       thresholds=dataclasses.asdict(thresholds))
     else:
-        decision = promotion.decide(report, comparisons, thresholds, champion)
+        decision = promotion.decide(report, comparisons, thresholds, champion,
+                                    merge_verdict=promotion.merge_verdict_of(registry, challenger))
     aliases = promotion.apply_decision(registry, challenger, decision,
                                        {"dagster_run_id": context.run_id, "dataset_version": version})
     rows = [[m, st.get("n"), rounded(st.get("delta")), rounded(st.get("ci95")), st.get("outcome"),

@@ -20,10 +20,3 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
-def reraise_out_of_memory(exc: BaseException) -> None:
-    """Raise ``exc`` again when it is a device out-of-memory error, which no image-level handler
-    may swallow."""
-    if is_out_of_memory(exc):
-        raise exc

@@ -65,7 +65,9 @@ class NetnsRayCluster:
     def env(self) -> dict[str, str]:
         venv_bin = str(Path(sys.executable).parent)
         return {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
-                "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu",
+                # tests/ too: the paused run's rank module (tests/paused_rank.py) is imported on the nodes
+                "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+                "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu",
                 "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
                 # Ray's memory monitor judges the whole host, not its nodes: on a shared test box other
                 # processes' memory would make it kill the job supervisor. Off for this test cluster only.
@@ -87,7 +89,11 @@ class NetnsRayCluster:
                                          f"--dashboard-host={HEAD_IP}", "--dashboard-port=8265",
                                          f"--temp-dir={self.temp}"]),
                          (self.worker_ns, [f"--address={HEAD_IP}:6379", f"--node-ip-address={WORKER_IP}"])):
-            done = self.run_in(ns, [ray, "start", *args, *common], timeout=180)
+            # The node's own network setting, as on any cluster whose host name does not resolve to the
+            # address the other nodes reach (here every namespace shares the host's name): gloo binds the
+            # namespace's interface. Ray's workers inherit the node's environment.
+            done = self.run_in(ns, [ray, "start", *args, *common], timeout=180,
+                               env={"GLOO_SOCKET_IFNAME": f"{ns}v"})
             if done.returncode:
                 raise RuntimeError(f"ray start in {ns} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
 
@@ -137,12 +143,13 @@ def materialize(home: str, address: str, pause: bool) -> int:
     from riskva_assets.assets import ALL_ASSETS
     from riskva_assets.partitions import DATASET_VERSION
     from riskva_assets.resources import DataRootResource, MlflowResource, TrainingLauncher
-    from riskva_core.train.sft import PAUSE_ENV
-
     paths = DataRootResource(root=home)
+    # --pause: every rank idles after step 1 until the cancel reaches it. A Ray Train worker trains in a
+    # thread, where no signal handler can wait (tests/rank_site's pause needs one): the pause comes in
+    # through the rank entry instead (tests/paused_rank.py) and ends on the job's own stop request.
     launcher = TrainingLauncher(launcher="ray", num_processes=2, ray_address=address, ray_placement="STRICT_SPREAD",
                                 ray_gpus_per_rank=0, termination_timeout_s=120,
-                                extra_env={PAUSE_ENV: "1"} if pause else {})
+                                **({"rank_module": "paused_rank"} if pause else {}))
     instance = dg.DagsterInstance.get()
     if VERSION not in instance.get_dynamic_partitions(DATASET_VERSION):
         instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
@@ -155,7 +162,7 @@ def materialize(home: str, address: str, pause: bool) -> int:
 
 
 TRAIN_CONFIG = {"recipe": "demo", "max_steps": 3, "per_device_train_batch_size": 1, "seed": 7,
-                "extra_args": ["--save_steps", "0"]}
+                "extra_args": ["--save_strategy", "no"]}
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))

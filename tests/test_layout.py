@@ -4,7 +4,12 @@ change that breaks one fails CI instead of waiting for review.
 - stage packages (data, synth, model, train, evaluate, registry) import each other without cycles;
 - data/ is the bottom stage: it never imports model/, train/, evaluate/ or registry/;
 - train/ never imports registry/ (training knows nothing of MLflow's registry);
-- nothing in riskva_core imports Dagster; modules stay short enough to read.
+- launch/ (how a training job is started) may use data/, model/ and train/; no stage imports launch/;
+- nothing in riskva_core imports Dagster (launch/ alone may use dagster_pipes, the dependency-free
+  protocol library a rank reports through); modules stay short enough to read;
+- the module import graph of riskva_core and riskva_assets has no cycle;
+- no underscore (private) method or module of dagster, dagster-ray or dagster-k8s is overridden,
+  called or imported: an upgrade would break it silently.
 Lazy imports inside functions count: they are dependencies all the same.
 """
 from __future__ import annotations
@@ -14,13 +19,19 @@ from collections import defaultdict
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parents[1] / "riskva_core"
-STAGES = ("data", "synth", "model", "train", "evaluate", "registry")
+STAGES = ("data", "synth", "model", "train", "evaluate", "registry", "launch")
 FORBIDDEN = {
-    "data": {"model", "train", "evaluate", "registry", "synth"},
-    "synth": {"model", "train", "evaluate", "registry"},
-    "train": {"registry", "evaluate"},
-    "model": {"train", "evaluate", "registry"},
+    "data": {"model", "train", "evaluate", "registry", "synth", "launch"},
+    "synth": {"model", "train", "evaluate", "registry", "launch"},
+    "train": {"registry", "evaluate", "launch"},
+    "model": {"train", "evaluate", "registry", "launch"},
+    "evaluate": {"launch"},
+    "registry": {"launch"},
+    "launch": {"evaluate", "registry", "synth"},
 }
+# The Pipes protocol library: no dagster import of its own, runs in the training process (rank.py).
+PIPES_ALLOWED = "launch"
+DAGSTER_LIBS = ("dagster", "dagster_ray", "dagster_k8s")
 MAX_LINES = 450
 
 
@@ -107,9 +118,109 @@ def test_no_import_cycles_between_stages():
 
 
 def test_core_never_imports_dagster():
-    offenders = [str(p.relative_to(CORE.parent)) for p in _modules()
-                 if any(m == "dagster" or m.startswith(("dagster.", "dagster_")) for m in _imports(p))]
+    def dagster(module: str, path: Path) -> bool:
+        if module == "dagster_pipes" or module.startswith("dagster_pipes."):
+            return _stage("riskva_core." + ".".join(path.relative_to(CORE).with_suffix("").parts)) != PIPES_ALLOWED
+        return module == "dagster" or module.startswith(("dagster.", "dagster_"))
+
+    offenders = [str(p.relative_to(CORE.parent)) for p in _modules() if any(dagster(m, p) for m in _imports(p))]
     assert not offenders, f"riskva_core must stay free of Dagster: {offenders}"
+    # the allowance is used where it is meant: the rank entry reports through Pipes
+    assert "dagster_pipes" in _imports(CORE / "launch" / "rank.py") | _imports(CORE / "launch" / "ray_train.py")
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """module → the riskva_core/riskva_assets modules it imports (a package import names its __init__)."""
+    files = [*_modules(), *sorted((CORE.parent / "riskva_assets").rglob("*.py"))]
+    names = {".".join(p.relative_to(CORE.parent).with_suffix("").parts).removesuffix(".__init__"): p for p in files}
+    graph = {}
+    for name, path in names.items():
+        deps = set()
+        for module in _imports(path):
+            while module and module not in names:  # `from pkg.mod import name`: the module is the prefix
+                module = module.rpartition(".")[0]
+            if module and module != name:
+                deps.add(module)
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    graph = _module_graph()
+    assert "riskva_assets.launch_resources" in graph["riskva_assets.resources"]  # not vacuous
+    state: dict[str, int] = {}
+    cycles: list[str] = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        if state.get(node) == 2:
+            return
+        if state.get(node) == 1:
+            cycles.append(" → ".join(trail[trail.index(node):] + [node]))
+            return
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, trail + [node])
+        state[node] = 2
+
+    for module in sorted(graph):
+        visit(module, [])
+    # a package's __init__ importing its own submodules is how packages work, not a cycle of design
+    cycles = [c for c in cycles if not all(m.startswith(c.split(" → ")[0] + ".") for m in c.split(" → ")[1:-1])]
+    assert not cycles, "import cycles: " + "; ".join(cycles)
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Underscore names of dagster, dagster-ray or dagster-k8s that ``path`` imports, overrides or calls."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    upstream: set[str] = set()  # local names bound to those libraries' modules and classes
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in DAGSTER_LIBS:
+                    upstream.add(alias.asname or alias.name.split(".")[0])
+                    if any(p.startswith("_") for p in alias.name.split(".")):
+                        found.append(f"line {node.lineno}: import {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in DAGSTER_LIBS:
+            upstream.update(alias.asname or alias.name for alias in node.names)
+            private = [n for n in [*node.module.split("."), *(a.name for a in node.names)] if n.startswith("_")]
+            if private:
+                found.append(f"line {node.lineno}: from {node.module} import {', '.join(private)}")
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.endswith("__")
+
+    def rooted_upstream(expr: ast.AST) -> bool:
+        while isinstance(expr, ast.Attribute):
+            expr = expr.value
+        return isinstance(expr, ast.Name) and expr.id in upstream
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(rooted_upstream(b) for b in node.bases):
+            found += [f"line {f.lineno}: {node.name}.{f.name} overrides a private method"
+                      for f in node.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and private(f.name)]
+            found += [f"line {n.lineno}: super().{n.attr} in {node.name}" for n in ast.walk(node)
+                      if isinstance(n, ast.Attribute) and private(n.attr) and isinstance(n.value, ast.Call)
+                      and getattr(n.value.func, "id", "") == "super"]
+        elif isinstance(node, ast.Attribute) and private(node.attr) and rooted_upstream(node.value):
+            found.append(f"line {node.lineno}: .{node.attr}")
+    return found
+
+
+def test_no_private_dagster_api_is_overridden_called_or_imported():
+    files = [*_modules(), *sorted((CORE.parent / "riskva_assets").rglob("*.py"))]
+    bad = {str(p.relative_to(CORE.parent)): uses for p in files if (uses := _private_uses(p))}
+    assert not bad, f"private dagster/dagster-ray/dagster-k8s APIs used (public extension points only): {bad}"
+
+
+def test_the_private_api_reader_sees_overrides_calls_and_imports(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import dagster as dg\nfrom dagster._core.errors import X\nfrom dagster_ray import PipesRayJobClient\n"
+                     "class C(PipesRayJobClient):\n    def _terminate(self, c, j):\n        super()._terminate(c, j)\n"
+                     "    def _mine(self):\n        return dg._check\n", encoding="utf-8")
+    found = " ".join(_private_uses(probe))
+    assert "dagster._core.errors" in found and "C._terminate overrides" in found and "C._mine" in found
+    assert "super()._terminate in C" in found and "._check" in found
 
 
 def test_modules_stay_readable():

@@ -41,3 +41,28 @@ def test_no_usable_gpu_means_cpu(tmp_path, nvidia_smi):
 
 def test_a_value_from_the_caller_is_kept(tmp_path):
     assert _print_env(tmp_path, None, DS_ACCELERATOR="cuda") == "DS_ACCELERATOR=cuda"
+
+
+@pytest.mark.parametrize("target,what", [("browser", "chromium"), ("netns", "iproute2")])
+def test_a_requirement_make_test_cannot_install_stops_make_under_ci_only(tmp_path, target, what):
+    """Not root (a fake ``id``) and the tool absent from PATH: elsewhere the tests skip and make says so;
+    under CI=true make stops, so CI never reports those tests as passed by skipping them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("make", "sh", "bash", "echo", "ls"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    (bin_dir / "id").write_text("#!/bin/sh\necho 1000\n")
+    (bin_dir / "id").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k != "CI"}
+
+    def make(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-s", "-C", str(ROOT), target], env={**base, "PATH": str(bin_dir), **env},
+                              capture_output=True, text=True)
+
+    local = make()
+    assert local.returncode == 0 and f"make: {what} is missing;" in local.stdout and "will be skipped" in local.stdout
+    ci = make(CI="true")
+    assert ci.returncode != 0 and "will be skipped" not in ci.stdout + ci.stderr
+    assert f"make: {what} is missing and could not be installed; under CI=true" in ci.stderr

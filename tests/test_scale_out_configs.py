@@ -76,7 +76,7 @@ def test_k8s_training_pod_renders_with_dagster_k8s_and_matches_the_kubernetes_sc
     schema does not allow; then what training needs: GPUs, /dev/shm in memory, Pipes, the grace period."""
     import kubernetes
 
-    from riskva_assets.launchers import render_training_pod
+    from riskva_assets.launch_resources import render_training_pod
     from riskva_assets.resources import TrainingLauncher
 
     launcher = TrainingLauncher(launcher="k8s", num_processes=8)
@@ -92,7 +92,7 @@ def test_k8s_training_pod_renders_with_dagster_k8s_and_matches_the_kubernetes_sc
     spec = again.spec
     (container,) = spec.containers
     assert container.resources.limits["nvidia.com/gpu"] == "8" == container.resources.requests["nvidia.com/gpu"]
-    assert container.command[:2] == ["accelerate", "launch"] and "riskva_assets.pipes_train" in container.command
+    assert container.command[:2] == ["accelerate", "launch"] and "riskva_core.launch.rank" in container.command
     assert container.command[container.command.index("--num_processes") + 1] == "8"
     env = {e.name: e.value for e in container.env}
     assert {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES", "RISKVA_HOME"} <= set(env)
@@ -104,7 +104,7 @@ def test_k8s_training_pod_renders_with_dagster_k8s_and_matches_the_kubernetes_sc
 
 
 def test_k8s_pod_with_an_unknown_field_is_refused(tmp_path):
-    from riskva_assets.launchers import render_training_pod
+    from riskva_assets.launch_resources import render_training_pod
     from riskva_assets.resources import TrainingLauncher
 
     manifest = yaml.safe_load((CONFIGS / "scale_out" / "k8s_training_pod.yaml").read_text())

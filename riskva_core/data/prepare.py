@@ -233,6 +233,7 @@ def _plan(cfg: PrepareConfig, records: list[ValidRecord], report: dict[str, Any]
         radius=cfg.near_duplicate_radius,
         group_keys=[r.extra.get(cfg.group_column) for r in records] if cfg.group_column else None,
         history=load_history(cfg.previous_split) if cfg.previous_split else None,
+        names=[r.image_path for r in records],
     )
 
 
@@ -295,6 +296,7 @@ def _write_dataset(cfg: PrepareConfig, tmp: Path, staging: Path, records: list[V
                 for rec, row, split, group in zip(records, rows, splits, groups)
             ],
             "excluded": excluded,
+            "warnings": plan.warnings,  # oversized groups, ratio drift (groups.py)
             "rejected_rows": [r["row"] for r in report["rejected"]],
         },
     )
@@ -309,7 +311,8 @@ def _write_dataset(cfg: PrepareConfig, tmp: Path, staging: Path, records: list[V
         "counts": {s: len(by_split[s]) for s in SPLITS},
         "groups": plan.group_counts(),
         "near_duplicates": {"radius": cfg.near_duplicate_radius, "grouped_by": _grouped_by(cfg),
-                            "multi_photo_groups": plan.multi_photo_groups(), "excluded_rows": len(excluded)},
+                            "multi_photo_groups": plan.multi_photo_groups(), "excluded_rows": len(excluded),
+                            "warnings": plan.warnings},
         "rows_total": report["rows_total"],
         "rows_valid": report["rows_valid"],
         "rows_rejected": report["rows_rejected"],
@@ -431,6 +434,8 @@ def main(argv: list[str]) -> int:
     if info["near_duplicates"]["excluded_rows"]:
         print(f"{info['near_duplicates']['excluded_rows']} photos kept out of every split (near-duplicates of photos "
               f"already in different splits); see {Path(cfg.output_path) / SPLIT_JSON}")
+    for warning in info["near_duplicates"]["warnings"]:
+        print(f"warning: {warning}")
     if args.preview is not None:
         print(preview_mod.preview(cfg.output_path))
     return 0

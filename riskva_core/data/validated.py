@@ -21,7 +21,7 @@ from riskva_core.data.validate import ValidationResult, ValidRecord
 
 RECORDS_JSON = "validated_records.json"
 ENCODED_DIR = "encoded"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pHash families (groups.CROP_SCALES); a saved one-hash result is validated again
 
 
 def encoded_dir(folder: str | Path) -> Path:

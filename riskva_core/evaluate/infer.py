@@ -17,8 +17,14 @@ and generates greedily in left-padded batches with a fixed seed. The CLI, the ML
 (hence evaluation and both HTTP servers) all call ``Generator.load_image`` (the model's
 image policy, data/image_policy.py) and ``Generator.generate`` through ``run_items``.
 
-A bad image (missing, unreadable, corrupt, too large) becomes an entry with ``error`` and
-the run goes on. Exit status: 0 when every image was answered, otherwise the number of failed
+A bad image (missing, unreadable, corrupt, too large, or a prompt too long for the model's
+context) becomes an entry with ``error`` and the run goes on. Only what a photo can cause is
+turned into such an entry (``PhotoError`` and the image policy's ``RiskvaError``); any other
+exception (``TypeError``, ``IndexError``, a ``ValueError`` from the processor...) is a bug and
+stops the run with its traceback, never scored as a wrong answer. A batch that runs out of device
+memory is answered again one photo at a time (the others in it are not at fault); one photo alone
+out of memory is an infrastructure failure and propagates (the pyfunc answers 503, evaluation
+stops; see evaluate/predict.py). Exit status: 0 when every image was answered, otherwise the number of failed
 images capped at 100 (input errors such as a missing flag exit 2 before anything runs, so a
 status of 1-100 after a run always means "this many images failed").
 """
@@ -35,7 +41,7 @@ from PIL import Image
 from riskva_core.atomic import write_json
 from riskva_core.data.conversation import PromptTemplate
 from riskva_core.data.image_policy import DEFAULT_MAX_DECODED_PIXELS, ImagePolicy
-from riskva_core.errors import RiskvaError, reraise_out_of_memory
+from riskva_core.errors import RiskvaError, is_out_of_memory
 from riskva_core.evaluate.generation import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, check_penalty,
                                              generation_settings, greedy_config)
 from riskva_core.evaluate.inputs import Item, image_items, read_image_list, sample_items
@@ -47,6 +53,11 @@ from riskva_core.schema import FIELDS
 PROMPT_TEMPLATE_FILE = "prompt_template.json"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 MAX_EXIT_FAILURES = 100
+
+
+class PhotoError(RiskvaError):
+    """An error one photo causes in generation (e.g. its prompt exceeds the model's context): that
+    photo's entry gets it as ``error``; never raised for a fault of the code."""
 
 
 def load_prompt_template(*folders: str | Path | None) -> PromptTemplate:
@@ -134,6 +145,18 @@ class Generator:
         """What decoding used, recorded in every report (``report.json`` → ``provenance.generation``)."""
         return generation_settings(self.max_new_tokens, self.repetition_penalty, self.seed)
 
+    def _check_length(self, prompt_tokens: list[int]) -> None:
+        """``PhotoError`` when a prompt (its image tokens, set by the photo's size and the processor's
+        pixel budget) plus ``max_new_tokens`` exceeds the model's context, which generation would
+        otherwise overrun (position ids past what the model was built for)."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        context = getattr(text, "max_position_embeddings", None)
+        longest = max(prompt_tokens, default=0)
+        if context and longest + self.max_new_tokens > context:
+            raise PhotoError(f"prompt of {longest} tokens (with the image's) + max_new_tokens {self.max_new_tokens} "
+                             f"exceeds the model's context of {context} tokens")
+
     def load_image(self, data: bytes, name: str) -> Image.Image:
         """Image bytes → the model's input image, through the model's image policy."""
         return self.image_policy.apply(data, name)
@@ -148,6 +171,7 @@ class Generator:
         enc = self.processor(
             text=[self.prompt] * len(images), images=list(images), padding=True, return_tensors="pt"
         ).to(self.device)
+        self._check_length(enc["attention_mask"].sum(dim=1).tolist())
         torch.manual_seed(self.seed)
         with torch.inference_mode():
             out = self.model.generate(**enc, generation_config=self.generation_config)
@@ -246,17 +270,40 @@ def _record(item: Item, raw: str | None, error: str | None, with_gt: bool, usage
     rec.update({"usage": usage} if usage is not None else {})
     if with_gt and item.ground_truth is not None:
         rec["ground_truth"] = item.ground_truth
+        rec["group"] = item.group  # the split's near-duplicate group: evaluate resamples whole groups
     return rec
 
 
-# Errors one image can cause inside the processor or the model (e.g. an aspect ratio
-# smart_resize refuses); anything else is a bug and propagates.
-_GENERATION_ERRORS = (ValueError, RuntimeError, IndexError, TypeError)
+def _answer(generator: Generator, good: list[tuple[int, Image.Image]]) -> list[tuple[int, str | None, str | None,
+                                                                                   dict | None]]:
+    """(row, text, error, usage) for one batch. A ``PhotoError`` or an out-of-memory error of a batch of
+    several photos runs them one at a time, so only the photo at fault gets an error; anything else
+    (a bug) propagates untouched, with its traceback, and is never retried."""
+    try:
+        texts = generator.generate([img for _, img in good])
+        return [(i, t, None, u) for (i, _), t, u in zip(good, texts, generator.last_usage)]
+    except PhotoError as exc:
+        if len(good) == 1:
+            return [(good[0][0], None, str(exc), None)]
+    except Exception as exc:
+        if not (is_out_of_memory(exc) and len(good) > 1):
+            raise
+    # Outside the except block: the error's traceback (and the batch's tensors it holds) is gone.
+    _release_device_memory()
+    return [outcome for pair in good for outcome in _answer(generator, [pair])]
+
+
+def _release_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_items(generator: Generator, items: Sequence[Item], batch_size: int, with_gt: bool = False,
               progress: bool = True) -> list[dict[str, Any]]:
-    """Answer every item in order; failures become error records, the batch goes on."""
+    """Answer every item in order; what a photo causes becomes its error record, the batch goes on;
+    a bug stops the run (see the module docstring)."""
     from tqdm import tqdm
 
     records: list[dict[str, Any] | None] = [None] * len(items)
@@ -270,20 +317,7 @@ def run_items(generator: Generator, items: Sequence[Item], batch_size: int, with
                     good.append((i, generator.load_image(item.read(), item.image_path)))
                 except RiskvaError as exc:
                     records[i] = _record(item, None, str(exc), with_gt)
-            try:
-                texts = generator.generate([img for _, img in good])
-                outcomes = [(i, t, None, u) for (i, _), t, u in zip(good, texts, generator.last_usage)]
-            except _GENERATION_ERRORS as batch_exc:
-                reraise_out_of_memory(batch_exc)
-                # Isolate the image that broke the batch; the others still get answers.
-                outcomes = []
-                for i, img in good:
-                    try:
-                        outcomes.append((i, generator.generate([img])[0], None, generator.last_usage[0]))
-                    except _GENERATION_ERRORS as exc:
-                        reraise_out_of_memory(exc)
-                        outcomes.append((i, None, f"generation failed ({type(exc).__name__}: {exc})", None))
-            for i, text, err, used in outcomes:
+            for i, text, err, used in _answer(generator, good) if good else []:
                 records[i] = _record(items[i], text, err, with_gt, used)
             bar.update(len(chunk))
     finally:

@@ -21,6 +21,7 @@ class Item:
     image_path: str
     read: Callable[[], bytes]  # the encoded bytes; Generator.load_image turns them into pixels
     ground_truth: dict[str, str] | None = None
+    group: str | None = None  # near-duplicate group recorded by prepare (split.json), for grouped intervals
 
 
 def file_reader(path: Path) -> Callable[[], bytes]:
@@ -60,8 +61,10 @@ def read_image_list(path: Path) -> list[str]:
 
 
 def sample_items(dataset: Path, split: str) -> list[Item]:
+    from riskva_core.data.groups import recorded_groups
     from riskva_core.data.samples import read_samples
 
+    groups = recorded_groups(dataset)
     items = []
     for s in read_samples(dataset, split):
         items.append(Item(
@@ -71,6 +74,7 @@ def sample_items(dataset: Path, split: str) -> list[Item]:
             image_path=s.image_path,
             read=s.image_data,
             ground_truth={f: s.fields.get(f, "") for f in FIELDS},
+            group=groups.get(s.id),
         ))
     if not items:
         raise RiskvaError(f"{dataset}: no samples in split {split!r}")

@@ -21,11 +21,12 @@ Decisions (also written into every report under ``definitions``):
     on character lists with SmoothingFunction().method3; rouge-chinese ``Rouge().get_scores``
     on jieba words joined by spaces; x100, rounded to 4 places, averaged per sample);
   * a missing field is scored as the empty string, and empty text scores 0.
-- Bootstrap: percentile intervals from ``n_resamples`` resamples of sample indices drawn
-  with ``numpy.random.default_rng(seed)``; a resample where a statistic is undefined
-  (e.g. no 严重 sample) is dropped. Paired bootstrap resamples the same indices for both
-  systems; its p-value is two-sided: 2 x min share of resampled deltas on either side of
-  zero, with +1 smoothing, capped at 1.
+- Bootstrap (evaluate/bootstrap.py): percentile intervals from ``n_resamples`` resamples drawn
+  with ``numpy.random.default_rng(seed)``, resampling the split's near-duplicate groups (a record's
+  ``group``; a photo without one is its own group), not photos: photos of one group are answered
+  alike and are not independent evidence. A resample where a statistic is undefined (e.g. no 严重
+  sample) is dropped. Paired bootstrap resamples the same groups for both systems; its p-value is
+  two-sided: 2 x min share of resampled deltas on either side of zero, with +1 smoothing, capped at 1.
 """
 from __future__ import annotations
 
@@ -33,16 +34,16 @@ import logging
 import math
 import warnings
 from collections import Counter
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+# The bootstrap lives in bootstrap.py; its names stay importable from here, where reports always found them.
+from riskva_core.evaluate.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_ci, paired_bootstrap  # noqa: F401
 from riskva_core.schema import LEVEL_INVALID, LEVEL_RANK, LEVELS, TEXT_FIELDS, normalize_level, normalize_text
 
 CONFUSION_LABELS: tuple[str, ...] = (*LEVELS, LEVEL_INVALID)
 TEXT_METRICS: tuple[str, ...] = ("rouge_l_char", "bleu4_char", "rouge1_jieba", "rouge2_jieba", "rouge_l_jieba")
-DEFAULT_RESAMPLES = 1000
-DEFAULT_SEED = 0
 
 DEFINITIONS = {
     "invalid_level": "missing, unreadable or failed answers are predicted level INVALID",
@@ -55,7 +56,8 @@ DEFINITIONS = {
     "bleu4_char": "LLaMA-Factory: nltk sentence_bleu on characters, SmoothingFunction().method3, x100",
     "rouge_jieba": "LLaMA-Factory: rouge-chinese F on jieba words, x100",
     "missing_text": "a missing field is scored as empty text, and empty text scores 0",
-    "ci95": "percentile bootstrap over samples, numpy default_rng(seed)",
+    "ci95": "percentile cluster bootstrap over the split's near-duplicate groups (a photo without a group is "
+            "its own group), numpy default_rng(seed)",
     "paired_p_value": "two-sided paired bootstrap: 2 x min share of deltas <=0 / >=0, +1 smoothing, capped at 1",
 }
 
@@ -287,53 +289,7 @@ def scores_by_id(predictions: Sequence[Mapping]) -> dict[str, dict[str, float]]:
     return out
 
 
-# ---------------------------------------------------------------- bootstrap
-
-def _indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-
-
-def bootstrap_ci(
-    n: int,
-    statistic: Callable[[np.ndarray], float | None],
-    n_resamples: int = DEFAULT_RESAMPLES,
-    seed: int = DEFAULT_SEED,
-) -> list[float] | None:
-    """95% percentile interval of ``statistic(indices)`` over resampled sample indices."""
-    if n == 0:
-        return None
-    values = [statistic(idx) for idx in _indices(n, n_resamples, seed)]
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return None
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
-def paired_bootstrap(
-    a_scores: Sequence[float],
-    b_scores: Sequence[float],
-    n_resamples: int = DEFAULT_RESAMPLES,
-    seed: int = DEFAULT_SEED,
-) -> dict:
-    """Mean difference a - b of paired per-sample scores, its 95% CI and a two-sided p-value."""
-    a, b = np.asarray(a_scores, dtype=float), np.asarray(b_scores, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"paired scores must have equal length, got {a.size} and {b.size}")
-    if a.size == 0:
-        return {"delta": None, "ci95": None, "p_value": None, "n": 0}
-    diff = a - b
-    deltas = diff[_indices(diff.size, n_resamples, seed)].mean(axis=1)
-    lo, hi = np.percentile(deltas, [2.5, 97.5])
-    le = (int((deltas <= 0).sum()) + 1) / (n_resamples + 1)
-    ge = (int((deltas >= 0).sum()) + 1) / (n_resamples + 1)
-    return {
-        "delta": float(diff.mean()),
-        "ci95": [float(lo), float(hi)],
-        "p_value": float(min(1.0, 2 * min(le, ge))),
-        "n": int(a.size),
-    }
-
+# ---------------------------------------------------------------- paired comparison
 
 def compare_predictions(
     a: Sequence[Mapping],
@@ -344,8 +300,10 @@ def compare_predictions(
     """Paired comparison of two prediction sets matched by ``id`` (a is the candidate)."""
     sa, sb = scores_by_id(a), scores_by_id(b)
     ids = sorted(set(sa) & set(sb))
+    group = {str(r["id"]): r.get("group") for r in (*b, *a) if r.get("group") is not None}  # a's wins
     out: dict = {"n_matched": len(ids), "n_only_a": len(set(sa) - set(sb)), "n_only_b": len(set(sb) - set(sa))}
     for metric in ("level_correct", "rouge_l_char"):
         key = "accuracy" if metric == "level_correct" else "rouge_l_char"
-        out[key] = paired_bootstrap([sa[i][metric] for i in ids], [sb[i][metric] for i in ids], n_resamples, seed)
+        out[key] = paired_bootstrap([sa[i][metric] for i in ids], [sb[i][metric] for i in ids], n_resamples, seed,
+                                    groups=[group.get(i) for i in ids])
     return out

@@ -5,7 +5,9 @@ same ``image`` table the HTTP server receives, so the report measures the served
 its generation settings and image policy (``model_config``, ``image_policy.json``) included.
 A sample whose image cannot be used becomes a record with ``error`` (scored as unparsed,
 as ``riskva infer`` does) and the others are still answered; only a split where no image
-can be answered at all is an error.
+can be answered at all is an error. Only what a photo causes becomes such a record
+(``infer.run_items``): any other exception in the served model is a bug, and evaluation stops
+with its traceback instead of scoring it as wrong answers.
 
 A device out-of-memory error is an infrastructure failure, not a wrong answer: the pyfunc
 refuses the request as ``TEMPORARILY_UNAVAILABLE`` (never as per-row errors), and evaluation
@@ -27,14 +29,18 @@ def predict_split(model_uri: str, dataset_path: str | Path, split: str = "test",
 
     ``generation``, when given, is filled with the decoding settings the served model used.
     Records carry ``id``, ``image_path``, ``raw_output``, ``parsed``, ``parse_ok``,
-    ``ground_truth`` and, for a sample that could not be answered, ``error``: the shape
+    ``ground_truth``, ``group`` (split.json's near-duplicate group; None without one) and, for a
+    sample that could not be answered, ``error``: the shape
     riskva_core.evaluate scores.
     """
     import mlflow
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
+    from riskva_core.data.groups import recorded_groups
+
     samples = read_samples(dataset_path, split)
+    groups = recorded_groups(dataset_path)
     if not samples:
         raise RiskvaError(f"{dataset_path}: the {split} split is empty; nothing to evaluate")
     model = mlflow.pyfunc.load_model(model_uri)
@@ -65,6 +71,7 @@ def predict_split(model_uri: str, dataset_path: str | Path, split: str = "test",
             "parsed": {f: (row[f] or None) for f in FIELDS},
             "parse_ok": bool(row["parse_ok"]),
             "ground_truth": dict(sample.fields),
+            "group": groups.get(sample.id),  # near-duplicate group: the unit the bootstrap resamples
         }
         if error:
             rec["error"] = f"sample {sample.id}: {error}"

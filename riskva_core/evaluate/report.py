@@ -118,6 +118,7 @@ def score_records(records: Sequence[dict]) -> list[dict]:
         s["predicted"] = pred
         s["present"] = {f: pred[f] is not None for f in FIELDS}
         s["error"] = r.get("error")
+        s["group"] = r.get("group")  # the split's near-duplicate group: the bootstrap's unit
         out.append(s)
     return out
 
@@ -145,7 +146,7 @@ def summarize(scores: Sequence[dict]) -> dict:
 
 
 def headline_cis(scores: Sequence[dict], n_resamples: int, seed: int) -> dict[str, list[float] | None]:
-    """Bootstrap 95% intervals of the headline metrics; every metric sees the same index draws."""
+    """Bootstrap 95% intervals of the headline metrics; every metric sees the same group draws."""
     n = len(scores)
     codes = {lvl: i for i, lvl in enumerate(M.CONFUSION_LABELS)}
     y_true = np.array([codes[s["true_level"]] for s in scores], dtype=np.int64)
@@ -154,9 +155,10 @@ def headline_cis(scores: Sequence[dict], n_resamples: int, seed: int) -> dict[st
     rouge = np.array([s["mean"]["rouge_l_char"] for s in scores], dtype=float)
     correct = np.array([s["level_correct"] for s in scores], dtype=float)
     severe = codes[LEVELS[-1]]
+    groups = [s.get("group") for s in scores]
 
     def ci(stat):
-        return M.bootstrap_ci(n, stat, n_resamples, seed)
+        return M.bootstrap_ci(n, stat, n_resamples, seed, groups=groups)
 
     def severe_recall(idx):
         mask = y_true[idx] == severe
@@ -246,11 +248,13 @@ def _baseline_section(scores, records, baseline, n_resamples, seed, source) -> d
     a_by_id = {s["id"]: s for s in scores}
     b_by_id = {s["id"]: s for s in b_scores}
     ids = sorted(set(a_by_id) & set(b_by_id))
+    groups = [a_by_id[i]["group"] if a_by_id[i]["group"] is not None else b_by_id[i]["group"] for i in ids]
     paired = {
         "accuracy": M.paired_bootstrap([a_by_id[i]["level_correct"] for i in ids],
-                                       [b_by_id[i]["level_correct"] for i in ids], n_resamples, seed),
+                                       [b_by_id[i]["level_correct"] for i in ids], n_resamples, seed, groups),
         "rouge_l_char": M.paired_bootstrap([a_by_id[i]["mean"]["rouge_l_char"] for i in ids],
-                                           [b_by_id[i]["mean"]["rouge_l_char"] for i in ids], n_resamples, seed),
+                                           [b_by_id[i]["mean"]["rouge_l_char"] for i in ids], n_resamples, seed,
+                                           groups),
     }
     return {
         "file": (source or {}).get("baseline", "baseline"),

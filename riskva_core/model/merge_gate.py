@@ -3,30 +3,60 @@
 A bf16 merge cannot be bit-exact: ``round(W + B·A·scale)`` is not ``W·x + B·A·x·scale``, and
 the difference grows with depth (the 28-layer 7B's merged and unmerged logits differ by ~0.4
 where a one-layer stand-in's differ by ~0.01). So no fixed tolerance is right for every model.
-The yardstick here is measured on the model itself, on the same inputs:
+The yardstick is measured on the model itself, on the same inputs, always with sdpa or eager
+attention (flash-attn computes attention in bf16 even when every weight and input is fp32, so
+under it the "wider" pass would not be wider and the noise would be underestimated):
 
     noise      the BASE model's own bf16-vs-fp32 difference: the same forward pass, once in the
                merge dtype and once with every module computing in the next wider float
                (``computed_in``: weights widened one module at a time, restored exactly, so a
-               7B never exists in fp32). It is what rounding to this dtype costs at this depth.
-    tolerance  NOISE_FACTOR x noise (+ one spacing of the dtype at the largest logit), the noise
-               taken relative to the base's logit scale and applied at the larger of the base's
-               and base + adapter's scales (a trained lm_head can make logits many times the
-               random base's, and every rounding with them). Merged and unmerged bf16 are two
+               7B never exists in fp32). It is taken per answer position relative to that
+               position's logit scale (the RMS of its logits over the vocabulary) and the largest
+               share over the positions is kept: what rounding to this dtype costs at this depth.
+               The adapter never enters it, so no adapter can widen its own yardstick.
+    tolerance  per logit: NOISE_FACTOR x that share x the REFERENCE's (base + adapter's) own
+               logit scale at the same position, plus one spacing of the dtype at that logit.
+               Rounding is relative to the values computed, so the scale is the reference's
+               where it is compared, position by position (an adapter that makes some logits
+               large, or trains lm_head, moves only its own positions' tolerance, in proportion,
+               and a single large logit barely moves an RMS). Merged and unmerged bf16 are two
                computations, each off the exact result by about that noise (√2 if independent,
                2 at worst), and the merge rounds each adapted weight once more, at most half an
                ulp — the same order as rounding one matmul output. 4 covers that with room to spare.
+    effect     base + adapter vs the model a merge that lost every LoRA update would be (the base
+               with the adapter's full copies, ``modules_to_save``, which a merge cannot round
+               away), both computed one float wider: the adapter's effect in the reference
+               precision, as a multiple of the tolerance.
 
-The probe: a few held-out samples (the prepared dataset's test, else val split, named in the
-adapter's dataset.json; else a fixed drawn image) with the training prompt; base + adapter
-answers each greedily (``answer_tokens`` tokens), and every model is then run teacher-forced on
-prompt + that answer, keeping only the answer positions' logits (``logits_to_keep``).
+The probe: ``PROBE_SAMPLES`` (2) held-out samples (the prepared dataset's test, else val split,
+named in the adapter's dataset.json; else a fixed drawn image) with the training prompt; base +
+adapter answers each greedily (``ANSWER_TOKENS`` = 64 tokens), and every model is then run
+teacher-forced on prompt + that answer, keeping only the answer positions' logits
+(``logits_to_keep``): up to 128 positions. A merged answer may differ only at a near tie of
+base + adapter's; at its decisive positions (first choice ahead of the second by more than both
+tolerances) none may. With no disagreement at d decisive positions, a per-token rate of them
+above 1 - 0.05^(1/d) would have shown at least once with 95 % probability: 2.3 % at all 128,
+where 16 tokens per sample (the former default, 32 positions) bounded it only at 9 %. The report
+gives d, the bound, and the agreement over all positions.
 
-Verdict (``judge``): equivalent when the merged logits are within the tolerance of base +
-adapter's AND the merged greedy answer agrees (a differing token is allowed only where base +
-adapter itself had a near tie within 2 x tolerance). The adapter's effect counts as LOST when
-the merged model answers like the base where base + adapter does not (beyond 2 x tolerance),
-or fails the logits check while lying closer to the base than to base + adapter.
+Verdict (``judge``), in order:
+
+    lost          the merged model answers like the LoRA-less model where base + adapter clearly
+                  does not (beyond both logits' tolerances), or fails the logits check at positions
+                  that all lie closer to the LoRA-less model than to base + adapter: refused.
+    disagree      the merged logits exceed the tolerance, or its greedy answer differs where base
+                  + adapter has no near tie: refused.
+    unverifiable  within the tolerance, but the adapter's effect is at most VERIFIABLE_FACTOR x
+                  the tolerance: a merge that lost it would pass as well, so the gate cannot tell.
+                  The merged model is saved; evaluation is the judge.
+    equivalent    within the tolerance and the effect more than VERIFIABLE_FACTOR x it.
+
+VERIFIABLE_FACTOR = 2: a merge that lost the whole effect E would lie at least E − 2·noise from
+base + adapter (each of the two bf16 passes off the exact one by the noise), and with E > 2 x
+tolerance = 8·noise that is 6·noise, 1.5 x the tolerance: refused with half a tolerance to spare
+for the noise estimate's own scatter (the largest of a few hundred positions, measured on the
+base rather than on base + adapter). At 1 x, a lost effect would sit right at the tolerance and
+pass or fail by chance — as the issue measured on the 2-layer stand-in.
 """
 from __future__ import annotations
 
@@ -41,8 +71,10 @@ from PIL import Image, ImageDraw
 from riskva_core.data.conversation import PromptTemplate
 
 NOISE_FACTOR = 4.0
+VERIFIABLE_FACTOR = 2.0  # the adapter's effect must exceed this many tolerances (module docstring)
 PROBE_SAMPLES = 2
-ANSWER_TOKENS = 16
+ANSWER_TOKENS = 64
+GATE_ATTENTION = ("sdpa", "eager")  # kernels that compute in the dtype they are given (module docstring)
 PROBE_SPLITS = ("test", "val")  # held out from training, in this order
 
 
@@ -198,7 +230,8 @@ class Probe:
         self.answer_tokens = [n for _, n in self.batches]
 
     def logits(self, model):
-        """Float32 logits at the answer positions, all probes concatenated: [positions, vocab]."""
+        """Logits at the answer positions as computed (a bf16 model's are bf16: kept so, exactly,
+        at half an fp32 copy's memory), all probes concatenated: [positions, vocab]."""
         import torch
 
         rows = []
@@ -206,55 +239,146 @@ class Probe:
             for batch, n_new in self.batches:
                 # Position i predicts token i+1: the n_new positions before the last predict the answer.
                 out = model(**batch, logits_to_keep=n_new + 1).logits[0, :-1]
-                rows.append(out.float().cpu())
+                rows.append(out.cpu())
         return torch.cat(rows)
 
 
-def judge(ref, base, noisy_ref_base, merged, dtype, tolerance: float | None = None) -> dict[str, Any]:
-    """The gate's figures and verdict (see the module docstring). All [positions, vocab] float32.
+@contextlib.contextmanager
+def lora_off(model) -> Iterator[None]:
+    """Only the LoRA layers off: the model a merge that rounded every update away would leave
+    (the adapter's full copies, ``modules_to_save``, are copied by a merge, never rounded away)."""
+    from peft.tuners.lora import LoraLayer
 
-    ``base`` / ``noisy_ref_base``: the base model in the merge dtype / computed one float wider.
-    """
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.disable_adapters]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def reference_logits(model, probe: Probe, dtype) -> dict[str, Any]:
+    """What the gate keeps from one unmerged PeftModel (module docstring): ``ref`` base + adapter's
+    logits and ``off`` the LoRA-less model's (both as computed, in ``dtype``), ``effect`` =
+    |ref − off| both computed one float wider, and the base's noise figures. Only these stay in
+    memory while the model is merged and saved: [positions, vocab] each, 78 MB in fp32 at 128
+    positions of the 7B's vocabulary, so the wide passes are reduced as soon as they exist."""
+    from peft.utils import ModulesToSaveWrapper
+
+    wide = wider(dtype)
+    ref = probe.logits(model)
+    with computed_in(model, wide):
+        ref_wide = probe.logits(model)
+    with model.disable_adapter():
+        base = probe.logits(model)
+        with computed_in(model, wide):
+            base_wide = probe.logits(model)
+    off, off_wide = base, base_wide
+    if any(isinstance(m, ModulesToSaveWrapper) for m in model.modules()):
+        with lora_off(model):
+            off = probe.logits(model)
+            with computed_in(model, wide):
+                off_wide = probe.logits(model)
+    return gate_passes(ref, ref_wide, base, base_wide, off, off_wide)
+
+
+def gate_passes(ref, ref_wide, base, base_wide, off=None, off_wide=None) -> dict[str, Any]:
+    """reference_logits' reduction of the six passes (``off`` defaults to ``base``). ``ref_wide``
+    is consumed: the effect is computed in its memory."""
+    off, off_wide = (base, base_wide) if off is None else (off, off_wide)
+    noise = (base.float() - base_wide).abs()
+    figures = {"noise_relative": float((noise / _rms(base_wide)).max()), "noise_abs": float(noise.max()),
+               "base_scale": float(_rms(base_wide).max())}
+    del noise
+    effect = ref_wide.sub_(off_wide).abs_()  # in place: the wide base + adapter pass is not kept
+    return {"ref": ref, "off": off, "effect": effect, **figures}
+
+
+def _rms(x):
+    """Each position's logit scale: the RMS over the vocabulary, [positions, 1] (never 0)."""
     import torch
 
-    noise = float((noisy_ref_base - base).abs().max())
-    scale = float(ref.abs().max())
-    base_scale = float(base.abs().max())
-    # Rounding noise is relative to the values computed: an adapter that also trains the output
-    # layer (the demo recipe's lm_head) makes logits many times the random base's, and its
-    # merged-vs-unmerged difference grows with them. So the base's noise is carried over as a share
-    # of its own logit scale, applied to the larger of the two scales.
-    rel_noise = noise / base_scale if base_scale > 0 else 0.0
-    noise_at_scale = rel_noise * max(scale, base_scale)
-    floor = torch.finfo(dtype).eps * scale  # the spacing of stored logits: nothing is compared finer
-    tol = float(tolerance) if tolerance is not None else NOISE_FACTOR * noise_at_scale + floor
-    diff = float((merged - ref).abs().max())
-    t_ref, t_base, t_m = ref.argmax(-1), base.argmax(-1), merged.argmax(-1)
+    return x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
 
-    def margin(logits, a, b):  # how much ``logits`` prefers token a over token b, per position
-        return logits.gather(-1, a[:, None])[:, 0] - logits.gather(-1, b[:, None])[:, 0]
 
-    # Where base + adapter answers differently from the base, clearly (beyond the noise).
-    changed = (t_ref != t_base) & (margin(ref, t_ref, t_base) > 2 * tol)
-    lost_tokens = changed & (t_m == t_base)
-    disagree = (t_m != t_ref) & (margin(ref, t_ref, t_m) > 2 * tol)
-    to_base = float((merged - base).abs().max())
-    lost = bool(lost_tokens.any()) or (diff > tol and to_base < diff)
+def judge(passes: dict[str, Any], merged, dtype, tolerance: float | None = None) -> dict[str, Any]:
+    """The gate's figures and verdict (see the module docstring). ``passes``: reference_logits';
+    ``merged``: the merged model's logits; all [positions, vocab] float32. ``tolerance``: an
+    absolute one for every logit instead of the measured one."""
+    import torch
+
+    ref, off, effect, merged = passes["ref"].float(), passes["off"].float(), passes["effect"], merged.float()
+    rel_noise = passes["noise_relative"]
+    if tolerance is None:  # per logit: the reference's own scale at its position, and its own spacing
+        tol = ref.abs().mul_(torch.finfo(dtype).eps).add_(NOISE_FACTOR * rel_noise * _rms(ref))
+    else:
+        tol = torch.full_like(ref, float(tolerance))
+    diff = (merged - ref).abs_()
+    ratio = diff / tol
+    worst = int(ratio.argmax())  # flat index: the logit closest to failing
+    diff_pos = ratio.amax(-1)  # per position, in tolerances
+    effect_ratio = float((effect / tol).max())
+    del ratio
+    to_base = (merged - off).abs_()
+    off_pos = (to_base / tol).amax(-1)
+    diff_ratio, to_off_ratio = float(diff_pos.max()), float(off_pos.max())
+    failing = diff_pos > 1
+    t_ref, t_off, t_m = ref.argmax(-1), off.argmax(-1), merged.argmax(-1)
+
+    def at(x, t):
+        return x.gather(-1, t[:, None])[:, 0]
+
+    def clearly(a, b):  # base + adapter prefers token a over b by more than both logits' tolerances
+        return at(ref, a) - at(ref, b) > at(tol, a) + at(tol, b)
+
+    changed = (t_ref != t_off) & clearly(t_ref, t_off)  # where the LoRA layers clearly change the answer
+    lost_tokens = changed & (t_m == t_off)
+    disagree = (t_m != t_ref) & clearly(t_ref, t_m)
+    # Or every position that fails lies closer to the LoRA-less model than to base + adapter.
+    lost = bool(lost_tokens.any()) or bool(failing.any() and (off_pos[failing] < diff_pos[failing]).all())
+    if lost:
+        verdict = "lost"
+    elif diff_ratio > 1 or bool(disagree.any()):
+        verdict = "disagree"
+    else:
+        verdict = "equivalent" if effect_ratio > VERIFIABLE_FACTOR else "unverifiable"
+    n = int(t_ref.numel())
+    agree = int((t_m == t_ref).sum())
+    # Decisive positions: base + adapter's first choice clearly ahead of its second. A merged
+    # answer differing at one of them is a disagreement (refused); elsewhere it is a near tie.
+    top2 = ref.topk(2, dim=-1).indices if ref.shape[-1] > 1 else torch.stack([t_ref, t_ref], -1)
+    decisive = int(clearly(top2[:, 0], top2[:, 1]).sum())
     return {
-        "noise_abs_logit_diff": noise,
+        "verdict": verdict,
+        "equivalent": verdict == "equivalent",
+        "noise_abs_logit_diff": passes["noise_abs"],
         "noise_relative": rel_noise,
-        "base_logit_scale": base_scale,
         "noise_factor": NOISE_FACTOR if tolerance is None else None,
-        "tolerance_abs": tol,
-        "logit_scale": scale,
-        "max_abs_logit_diff": diff,
-        "adapter_effect_abs_logit_diff": float((ref - base).abs().max()),
-        "merged_to_base_abs_logit_diff": to_base,
-        "answer_positions": int(t_ref.numel()),
-        "answer_agreement": float((t_m == t_ref).float().mean()) if t_ref.numel() else 1.0,
+        "tolerance_relative": NOISE_FACTOR * rel_noise if tolerance is None else None,
+        "verifiable_factor": VERIFIABLE_FACTOR,
+        "base_logit_scale": passes["base_scale"],
+        "logit_scale": float(_rms(ref).max()),
+        "logit_diff_ratio": diff_ratio,
+        "max_abs_logit_diff": float(diff.max()),
+        "worst_abs_logit_diff": float(diff.flatten()[worst]),
+        "tolerance_abs": float(tol.flatten()[worst]),
+        "worst_position": worst // ref.shape[-1],
+        "adapter_effect_ratio": effect_ratio,
+        "adapter_effect_abs_logit_diff": float(effect.max()),
+        "merged_to_base_ratio": to_off_ratio,
+        "worst_position_to_base_ratio": float(off_pos[worst // ref.shape[-1]]),
+        "merged_to_base_abs_logit_diff": float(to_base.max()),
+        "answer_positions": n,
+        "answers_agree": agree,
+        "answer_agreement": agree / n if n else 1.0,
+        "answers_decisive": decisive,
+        # No decisive position disagreed (else refused): the per-token rate of such disagreements
+        # is below 1 - 0.05^(1/d) with 95 % confidence (exact binomial, ~3/d: "rule of three").
+        "answer_disagreement_bound_95": 1 - 0.05 ** (1 / decisive) if decisive else None,
         "adapter_changed_answers": int(changed.sum()),
         "answers_lost_to_base": int(lost_tokens.sum()),
         "answers_disagree": int(disagree.sum()),
         "effect_lost": lost,
-        "equivalent": diff <= tol and not bool(disagree.any()) and not lost,
     }

@@ -4,33 +4,35 @@ Rule (``decide``), a non-inferiority test with three outcomes:
   1. the challenger must meet every absolute threshold (``Thresholds``: parse rate ≥ 0.9 and
      风险等级 accuracy above the majority-class baseline by default, so a useless model fails;
      severe recall and under-grading rate optional), else it is **rejected**;
-  2. on each guarded metric (风险等级 accuracy, severe recall, parse rate) the paired-bootstrap
-     95% interval of (challenger − champion) on the same test samples is read three ways:
-     - lower end above ``-margin``: non-inferior on that metric;
-     - upper end below 0: measured worse → **rejected**;
-     - otherwise the interval straddles ``-margin``: this split cannot tell.
-     When a guarded metric cannot tell, the decision is **inconclusive**: the champion stays and
-     the reason names how many labelled test photos would settle it at this margin (from the
-     observed Δ and spread: n ≈ (1.96·sd / (Δ + margin))²) or the smallest margin this split
-     could show (−lower end). A metric over a subset of the split with fewer than ``min_samples``
-     paired samples (severe recall on a demo-sized split has ~30) says so and does not block; a
-     measured-worse result on it still rejects.
-  3. every guarded metric non-inferior (or small-sample and not worse) → **promoted**.
-With no champion yet, rule 1 alone decides. Each decision records, per guarded metric, the
-interval, the outcome, the smallest margin this split could show non-inferiority at and the
-photos needed (``Decision.comparisons``), and the thresholds used (``promotion.thresholds``).
+  2. on each guarded metric (风险等级 accuracy, severe recall, parse rate) the 95% interval of
+     (challenger − champion) on the same test photos is read three ways:
+     - lower end above ``-margin``: non-inferior on that metric (shown);
+     - upper end below 0: measured worse → **rejected** (that bound Bonferroni-corrected over the
+       three metrics, so an equal challenger is called worse on some metric at most α of the time);
+     - otherwise: this split cannot tell → **inconclusive**, the champion stays.
+     The challenger carries the burden of proof on every metric, severe recall (the safety
+     metric) included: too few photos (or no 严重 photo) is inconclusive, naming the photos needed.
+  3. every guarded metric non-inferior → **promoted**.
+With no champion yet, rule 1 alone decides.
 
-Choosing the margin: it is the largest loss on a guarded metric you accept in exchange for
-whatever else the new model brings (newer data, fixed rare cases), in the metric's units
-(0.02 = two points of accuracy). Pick it from the cost of a wrong 风险等级, not from the test
-split: a margin raised until the split "passes" proves nothing. Then size the test split for
-it: at a disagreement rate d between the two models, an equal challenger needs about
-(1.96² · d) / margin² labelled test photos (d=0.2, margin 0.02: ≈1900; margin 0.05: ≈300).
-An inconclusive decision tells you both numbers for your split.
+The interval (evaluate/bootstrap.py): a paired bootstrap over the split's near-duplicate groups
+(their photos are correlated; a photo without a group is its own), seeded, with one pseudo pair
+won and one lost (the metrics are 0/1), so a handful of 严重 photos that never disagree shows
+nothing. Its lower end is a one-sided test at α = 2.5 % (``ALPHA``): a challenger worse than the
+margin is promoted at most that often (tests/registry/test_promotion_simulation.py simulates it).
 
-Every decision, kept or not, is written to the version's tags
-(``promotion.decision``, ``promotion.reason``, ``promotion.history`` ...), so the
-registry shows why each version serves or does not. Manual ``promote`` and
+Photos needed (``bootstrap.photos_needed``, ``Thresholds.power``, 80 % by default): n =
+((z_{1−α} + z_{power}) · sd / (margin + min(Δ, 0)))² · deff, sd and the groups' design effect
+measured on this split: at that n the decision is non-inferior with probability ``power``.
+Every decision with a champion states the group count and the power.
+
+The margin is the loss you accept for what else the new model brings (0.02 = two points), from
+the cost of a wrong 风险等级, never raised until the split "passes". Equal models disagreeing on a
+share d of photos need ≈ 2.80² · d · deff / margin² (d=0.2, deff 1: ≈3900 at 0.02, ≈630 at 0.05).
+
+A merge that could not be verified (tag ``merge.verdict`` = ``unverifiable``) is said in the
+decision: this evaluation is then the judge. Every decision is written to the version's tags
+(``promotion.decision``, ``promotion.reason``, ``promotion.history`` ...); manual ``promote`` and
 ``rollback`` record their reason the same way.
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ import datetime as _dt
 import json
 from typing import Any, Callable, Mapping, Sequence
 
-from riskva_core.evaluate import metrics
+from riskva_core.evaluate import bootstrap, metrics
 from riskva_core.errors import RiskvaError
 from riskva_core.evaluate.metrics import as_level
 from riskva_core.registry.client import ALIAS_CHALLENGER, ALIAS_CHAMPION, ALIAS_PREVIOUS, MAX_TAG_VALUE, Registry
@@ -49,6 +51,12 @@ from riskva_core.schema import FIELD_DESC, FIELD_LEVEL, LEVEL_INVALID, LEVELS, n
 SEVERE = LEVELS[-1]
 # The guarded metrics: the champion may not be shown worse than the margin on any of them.
 COMPARED_METRICS: tuple[str, ...] = ("level_accuracy", "severe_recall", "parse_rate")
+ALPHA = 0.025  # one-sided error of reading the lower end of a two-sided 95% interval
+# "Measured worse" on any of the guarded metrics rejects: Bonferroni over them keeps an equal
+# challenger's chance of being called worse on some metric at ALPHA, not 3 x ALPHA.
+WORSE_ALPHA = ALPHA / len(COMPARED_METRICS)
+MERGE_VERDICT_TAG = "merge.verdict"  # set on a registered version by the merge gate
+MERGE_UNVERIFIABLE = "unverifiable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +70,8 @@ class Thresholds:
     margin: float = 0.02  # non-inferiority margin for the paired comparison
     n_resamples: int = metrics.DEFAULT_RESAMPLES
     seed: int = 0
-    # Below this many paired samples a guarded metric that cannot tell does not block (it says so).
-    min_samples: int = 100
+    power: float = 0.8  # the chance that the photos_needed it names settle the margin
+
 
     def __post_init__(self) -> None:
         for name in ("min_parse_rate", "min_level_accuracy", "min_severe_recall", "max_under_grading_rate"):
@@ -74,8 +82,8 @@ class Thresholds:
             raise RiskvaError(f"promotion margin={self.margin}: must be within [0, 1)")
         if self.n_resamples < 100:
             raise RiskvaError(f"promotion n_resamples={self.n_resamples}: use at least 100")
-        if self.min_samples < 1:
-            raise RiskvaError(f"promotion min_samples={self.min_samples}: must be at least 1")
+        if not 0.5 <= self.power < 1.0:
+            raise RiskvaError(f"promotion power={self.power}: must be within [0.5, 1)")
 
 
 PROMOTED, REJECTED, INCONCLUSIVE = "promoted", "rejected", "inconclusive"
@@ -90,23 +98,15 @@ class Decision:
     champion_version: str | None = None
     thresholds: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     outcome: str = ""  # promoted / rejected / inconclusive (derived from ``promote`` when empty)
-    notes: tuple[str, ...] = ()  # small-sample metrics that did not block, and why
+    notes: tuple[str, ...] = ()  # what the reader must know beside the outcome (an unverified merge)
 
     def __post_init__(self) -> None:
         if not self.outcome:
             object.__setattr__(self, "outcome", PROMOTED if self.promote else REJECTED)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "outcome": self.outcome,
-            "notes": list(self.notes),
-            "promote": self.promote,
-            "reason": self.reason,
-            "failures": list(self.failures),
-            "comparisons": {k: dict(v) for k, v in self.comparisons.items()},
-            "champion_version": self.champion_version,
-            "thresholds": dict(self.thresholds),
-        }
+        return {**dataclasses.asdict(self), "notes": list(self.notes), "failures": list(self.failures),
+                "comparisons": {k: dict(v) for k, v in self.comparisons.items()}, "thresholds": dict(self.thresholds)}
 
 
 # --- reading reports and predictions ----------------------------------------
@@ -148,25 +148,31 @@ def per_sample_scores(predictions: Sequence[Mapping[str, Any]]) -> dict[str, dic
     return {"level_accuracy": level_correct, "severe_recall": severe_hit, "parse_rate": parsed_ok}
 
 
+def paired_evidence(diffs: Any, groups: Sequence[Any] | None, t: Thresholds) -> list[dict[str, Any]]:
+    """The rule's interval for 0/1 paired differences (n photos x k columns sharing ``groups``):
+    cluster bootstrap with the pseudo pairs the module docstring explains, plus the upper bound
+    that reads "measured worse" (``WORSE_ALPHA``)."""
+    return bootstrap.paired_bootstrap_batch(diffs, groups, t.n_resamples, t.seed, pseudo_pairs=True,
+                                            upper_tail=WORSE_ALPHA)
+
+
 def compare(
     challenger_predictions: Sequence[Mapping[str, Any]],
     champion_predictions: Sequence[Mapping[str, Any]],
     thresholds: Thresholds = Thresholds(),
-    bootstrap: Callable[..., Mapping[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Paired comparison on the samples both models answered (matched by sample id)."""
-    boot = bootstrap or metrics.paired_bootstrap
+    """Paired comparison on the photos both models answered (matched by sample id), resampling
+    the near-duplicate groups the records carry (``group``, from the split; the challenger's
+    record wins, a photo without one is its own group)."""
     chal, champ = per_sample_scores(challenger_predictions), per_sample_scores(champion_predictions)
+    group = {str(p.get("id", i)): p.get("group") for preds in (champion_predictions, challenger_predictions)
+             for i, p in enumerate(preds) if p.get("group") is not None}
     out: dict[str, dict[str, Any]] = {}
     for metric in COMPARED_METRICS:
         ids = sorted(set(chal[metric]) & set(champ[metric]))
-        if not ids:
-            out[metric] = {"n": 0, "delta": None, "ci95": None, "p_value": None}
-            continue
-        stats = dict(boot([chal[metric][i] for i in ids], [champ[metric][i] for i in ids],
-                          thresholds.n_resamples, thresholds.seed))
-        stats["n"] = len(ids)
-        out[metric] = stats
+        diffs = [chal[metric][i] - champ[metric][i] for i in ids]
+        out[metric] = paired_evidence(diffs, [group.get(i) for i in ids], thresholds)[0]
+        out[metric]["ungrouped"] = sum(1 for i in ids if group.get(i) is None)
     return out
 
 
@@ -203,8 +209,10 @@ def decide(
     comparisons: Mapping[str, Mapping[str, Any]] | None,
     thresholds: Thresholds = Thresholds(),
     champion_version: str | None = None,
+    merge_verdict: str | None = None,
 ) -> Decision:
-    """Apply the rule; ``comparisons`` is ``compare(...)``'s result, or None with no champion."""
+    """Apply the rule; ``comparisons``: ``compare(...)``, None with no champion; ``merge_verdict``:
+    the challenger version's ``merge.verdict`` tag (``merge_verdict_of``)."""
     failures = absolute_failures(challenger_report, thresholds)
     read: dict[str, dict[str, Any]] = {}
     undecided: list[str] = []
@@ -213,30 +221,31 @@ def decide(
         n_total = max([int((comparisons.get(m) or {}).get("n") or 0) for m in COMPARED_METRICS] + [0])
         for metric in COMPARED_METRICS:
             stats = read[metric] = assess(comparisons.get(metric) or {}, thresholds, n_total)
-            text = _evidence_text(metric, stats, thresholds.margin, champion_version)
+            text = _evidence_text(metric, stats, thresholds, champion_version)
             if stats["outcome"] == "worse":
                 failures.append(text)
-            elif stats["outcome"] == "cannot_tell":
+            elif stats["outcome"] in ("cannot_tell", "no_samples") and n_total:
                 undecided.append(text)
-            elif stats["outcome"] in ("too_few", "no_samples"):
-                notes.append(text)
         if n_total == 0:  # nothing paired at all: no evidence either way
             undecided.append("no test sample was answered by both models")
     if failures:
         outcome, reason = REJECTED, "kept as challenger: " + "; ".join(failures)
     elif undecided:
         outcome = INCONCLUSIVE
-        reason = (f"inconclusive, champion v{champion_version} stays: this test split cannot tell; "
+        reason = (f"inconclusive, champion v{champion_version} stays: this test split cannot show non-inferiority; "
                   + "; ".join(undecided))
     elif comparisons is None:
         outcome, reason = PROMOTED, "no champion yet; meets every absolute threshold"
     else:
         outcome = PROMOTED
         reason = (f"meets every threshold and is non-inferior to champion v{champion_version} "
-                  f"(lower 95% bound of Δ above −{thresholds.margin:g} on "
-                  f"{', '.join(m for m in COMPARED_METRICS if read[m]['outcome'] == 'non_inferior')})")
-    if notes:
-        reason += "; not deciding (too few samples): " + "; ".join(notes)
+                  f"(lower 95% bound of Δ above −{thresholds.margin:g} on {', '.join(COMPARED_METRICS)})")
+    if comparisons is not None and read.get("level_accuracy", {}).get("n"):
+        reason += "; " + _design_text(read["level_accuracy"], thresholds)
+    if merge_verdict == MERGE_UNVERIFIABLE:
+        notes.append("the merge could not be verified (merge gate verdict: unverifiable): this evaluation of the "
+                     "merged model is the judge")
+        reason += "; " + notes[-1]
     return Decision(
         promote=outcome == PROMOTED,
         reason=reason,
@@ -249,72 +258,74 @@ def decide(
     )
 
 
-Z95 = 1.959964
+def merge_verdict_of(registry: Registry, version: str) -> str | None:
+    """The merge gate's verdict tag on a registered version (None when it carries none)."""
+    return (registry.get_version(str(version)).tags or {}).get(MERGE_VERDICT_TAG)
 
 
 def assess(stats: Mapping[str, Any], t: Thresholds, n_total: int) -> dict[str, Any]:
-    """One guarded metric's evidence: outcome, smallest margin shown, samples needed.
+    """One guarded metric's evidence: outcome, smallest margin shown, photos needed.
 
     ``outcome``: non_inferior (lower end > −margin), worse (upper end < 0), cannot_tell (the
-    interval straddles −margin), too_few (cannot tell with fewer than ``t.min_samples`` pairs, on a
-    metric over a subset of the split such as severe recall),
-    no_samples. ``n_needed``: paired samples for the interval to clear −margin at the observed Δ
-    and spread (None when Δ ≤ −margin: no split size settles it, only a larger margin);
-    ``photos_needed`` scales that to test photos by this metric's share of the split.
+    interval straddles −margin; also a metric over part of the split, severe recall, on too few
+    photos), no_samples (e.g. no 严重 photo in the split: nothing shown). ``n_needed``: paired
+    photos of this metric for the interval to clear −margin with power ``t.power``
+    (``bootstrap.photos_needed``; None when Δ ≤ −margin: no split size settles it, only a larger
+    margin); ``photos_needed`` scales that to test photos by this metric's share of the split.
     """
     out = dict(stats)
     ci, n = stats.get("ci95"), int(stats.get("n") or 0)
     if ci is None or n == 0:
-        out.update(outcome="no_samples", min_margin=None, n_needed=None, photos_needed=None)
+        out.update(outcome="no_samples", min_margin=None, n_needed=None, photos_needed=None, photos_now=n_total)
         return out
     lo, hi = float(ci[0]), float(ci[1])
     delta = float(stats["delta"]) if stats.get("delta") is not None else (lo + hi) / 2
     out["min_margin"] = round(max(0.0, -lo), 6)  # non-inferiority is shown at any margin above this
-    # Spread of the paired differences, read back from the interval (normal approximation).
-    sd = float(stats.get("sd") or (hi - lo) / (2 * Z95) * n ** 0.5)
-    gap = delta + t.margin
-    needed = None if gap <= 0 else max(n, int(-(-(Z95 * sd / gap) ** 2 // 1)))
-    out["n_needed"] = needed
+    # Spread of the paired differences, read back from the interval when not given (normal approximation).
+    sd = float(stats["sd"]) if stats.get("sd") is not None else (hi - lo) / (2 * 1.959964) * n ** 0.5
+    deff = float(stats.get("design_effect") or 1.0)
+    needed = bootstrap.photos_needed(sd, t.margin + min(delta, 0.0), deff, t.power, ALPHA)
+    out["n_needed"] = None if needed is None else max(n, needed)
     out["photos_now"] = max(n_total, n)
-    out["photos_needed"] = None if needed is None else int(-(-needed * out["photos_now"] // n))
-    if lo > -t.margin:
-        out["outcome"] = "non_inferior"
-    elif hi < 0:
-        out["outcome"] = "worse"
-    else:
-        # Only a metric on a subset of the split (severe recall) can be "too few": the whole-split
-        # metrics are the evidence this split has, and an undecided one keeps the champion.
-        out["outcome"] = "too_few" if n < min(t.min_samples, n_total) else "cannot_tell"
+    out["photos_needed"] = None if needed is None else -(-out["n_needed"] * out["photos_now"] // n)
+    out["power"] = t.power
+    upper = stats.get("upper_tail_bound")
+    out["outcome"] = ("non_inferior" if lo > -t.margin else
+                      "worse" if (hi if upper is None else float(upper)) < 0 else "cannot_tell")
     return out
 
 
-def _evidence_text(metric: str, s: Mapping[str, Any], margin: float, champion: str | None) -> str:
+def _design_text(s: Mapping[str, Any], t: Thresholds) -> str:
+    ungrouped = int(s.get("ungrouped") or 0)  # photos whose split recorded no group
+    return (f"paired cluster bootstrap over {s.get('n_groups', s['n'])} near-duplicate groups of {s['n']} test photos"
+            + (f" ({ungrouped} without a recorded group, each its own)" if ungrouped else "")
+            + f", design effect {float(s.get('design_effect') or 1.0):.2f}, {t.n_resamples} resamples, seed {t.seed}; "
+            f"photos needed at {t.power:.0%} power, one-sided α {ALPHA:.1%}")
+
+
+def _evidence_text(metric: str, s: Mapping[str, Any], t: Thresholds, champion: str | None) -> str:
+    unit = f"{SEVERE} test photos" if metric == "severe_recall" else "labelled test photos"
     if s["outcome"] == "no_samples":
-        return f"{metric}: no paired samples"
+        return (f"severe_recall: no {SEVERE} photo in the test split, so the challenger cannot show it is not worse "
+                f"on {SEVERE}; label {SEVERE} test photos" if metric == "severe_recall" else f"{metric}: no paired samples")
     lo, hi = s["ci95"]
-    head = f"{metric} Δ={s['delta']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] on n={s['n']}"
+    head = (f"{metric} Δ={s['delta']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] on n={s['n']}"
+            f"{' ' + SEVERE if metric == 'severe_recall' else ''} photos in {s.get('n_groups', s['n'])} groups")
     if s["outcome"] == "worse":
-        return f"measured worse than champion v{champion} on {head}"
+        upper = s.get("upper_tail_bound")
+        return f"measured worse than champion v{champion} on {head}" + (
+            "" if upper is None else f" (upper {1 - WORSE_ALPHA:.1%} bound {upper:+.3f})")
     if s["outcome"] == "non_inferior":
         return f"{head}: non-inferior"
-    if s["n_needed"] is not None and s["photos_needed"] > 100 * s["photos_now"]:
-        settle = (f"Δ sits almost at −{margin:g}: no practical test split settles it (over 100× this one); "
-                  f"a margin above {s['min_margin']:.3f} would")
-    elif s["n_needed"] is None:
-        settle = f"no test split settles margin {margin:g} at this Δ; only a margin above {s['min_margin']:.3f} would"
+    if s["n_needed"] is None:
+        settle = f"no test split settles margin {t.margin:g} at this Δ; only a margin above {s['min_margin']:.3f} would"
     else:
-        settle = (f"≈{s['photos_needed']} labelled test photos (now {s['photos_now']}; "
-                  f"≈{s['photos_needed'] - s['photos_now']} more) would settle margin {margin:g}, "
-                  f"or a margin above {s['min_margin']:.3f} on this split")
-    return f"{head} straddles −{margin:g}: {settle}"
-
-
-def non_inferiority_failures(comparisons: Mapping[str, Mapping[str, Any]], margin: float,
-                             champion_version: str | None) -> list[str]:
-    """The reasons a challenger is not promoted on the paired comparison (worse, or cannot tell)."""
-    d = decide({"parse_rate": 1.0, "risk_level": {"accuracy": 1.0}}, comparisons,
-               Thresholds(margin=margin, beat_majority_baseline=False), champion_version)
-    return list(d.failures)
+        share = (f" (≈{s['photos_needed']} test photos in all at this split's share of {SEVERE})"
+                 if metric == "severe_recall" else "")
+        far = " — over 100× this split, as Δ sits almost at the margin —" if s["n_needed"] > 100 * s["n"] else ""
+        settle = (f"≈{s['n_needed']} {unit} (now {s['n']}; ≈{s['n_needed'] - s['n']} more){share}{far} would show "
+                  f"margin {t.margin:g} with {t.power:.0%} power, or a margin above {s['min_margin']:.3f} on this split")
+    return f"{head} straddles −{t.margin:g}: {settle}"
 
 
 # --- registry moves --------------------------------------------------------------
@@ -423,7 +434,8 @@ __all__ = [
     "compare",
     "decide",
     "headline",
-    "non_inferiority_failures",
+    "merge_verdict_of",
+    "paired_evidence",
     "per_sample_scores",
     "promote",
     "record",

@@ -25,6 +25,13 @@ generate loop): MLflow's scoring server runs concurrent requests in threads, and
 ``generate`` calls on one copy would race for its memory, so the others wait their turn.
 Usage columns ``prompt_tokens``/``completion_tokens`` count each row's tokens (OpenAI ``usage``).
 
+Decoding is greedy (evaluation's) unless MLflow inference ``params`` ask otherwise (the
+signature's ParamSchema; ``generation.Decoding``): ``max_new_tokens`` (capped at the version's
+own), ``temperature``/``top_p`` (sampling), ``seed`` and ``stop``. ``finish_reason`` says per
+row whether the answer ended by itself or at a stop string (``stop``) or was cut at the cap
+(``length``). A version logged before these params ignores them (MLflow warns): the OpenAI
+server refuses such fields for it rather than answer as if they held.
+
 The model is logged "from code" (MLflow's recommended way, no pickled Python
 object): ``code_file()`` writes a short script that builds ``RiskvaModel`` from the
 ``riskva_core`` logged with the version (``code_package()``, MLflow ``code_paths``), so a
@@ -54,6 +61,7 @@ DEFAULT_MAX_ROWS = 64
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 LIMIT_KEYS = ("max_rows", "max_request_bytes", "max_decoded_pixels")
 USAGE_COLUMNS = ("prompt_tokens", "completion_tokens")
+FINISH_COLUMN = "finish_reason"
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "batch_size": DEFAULT_BATCH_SIZE,
                                         "max_rows": DEFAULT_MAX_ROWS,
                                         "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES,
@@ -119,7 +127,7 @@ def code_package(folder: str | Path) -> Path:
 
 def signature() -> "mlflow.models.ModelSignature":
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema([ColSpec("binary", INPUT_COLUMN)])
     outputs = Schema(
@@ -127,8 +135,13 @@ def signature() -> "mlflow.models.ModelSignature":
         + [ColSpec("string", "raw_output"), ColSpec("boolean", "parse_ok"),
            ColSpec("string", "error", required=False)]
         + [ColSpec("long", c, required=False) for c in USAGE_COLUMNS]
+        + [ColSpec("string", FINISH_COLUMN, required=False)]
     )
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    # Decoding params (generation.Decoding); None is "the default": greedy, the version's own cap.
+    params = ParamSchema([ParamSpec("max_new_tokens", "long", None), ParamSpec("temperature", "double", None),
+                          ParamSpec("top_p", "double", None), ParamSpec("seed", "long", None),
+                          ParamSpec("stop", "string", [], shape=(-1,))])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def input_example(image_bytes: bytes) -> pd.DataFrame:
@@ -217,8 +230,13 @@ class RiskvaModel(mlflow.pyfunc.PythonModel):
 
     # No type hints here: MLflow would try to derive a signature from them; ours is explicit.
     def predict(self, context, model_input, params=None):
+        from riskva_core.evaluate.generation import Decoding
         from riskva_core.evaluate.infer import Item, run_items
 
+        try:
+            decoding = Decoding.from_params(params)
+        except (RiskvaError, TypeError, ValueError) as exc:
+            raise _invalid(f"params: {exc}") from None
         values = input_values(model_input)
         check_limits([None] * len(values), self.limits)  # the row count, before any base64 is decoded
         data: list[bytes | None] = []
@@ -234,7 +252,7 @@ class RiskvaModel(mlflow.pyfunc.PythonModel):
                       read=_reader(d, errors.get(i))) for i, d in enumerate(data)]
         try:
             with self._lock:
-                records = run_items(self._generator, items, self.batch_size, progress=False)
+                records = self._run(decoding, items, run_items)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -243,7 +261,40 @@ class RiskvaModel(mlflow.pyfunc.PythonModel):
                                "retry later, or serve with a smaller batch_size") from None
         if records and all(r.get("error") for r in records):
             raise _invalid("; ".join(r["error"] for r in records))
-        return pd.DataFrame([record_row(r) for r in records], columns=[*OUTPUT_COLUMNS, *USAGE_COLUMNS])
+        cap = decoding.cap(self._generator.max_new_tokens)
+        return pd.DataFrame([record_row(finish(r, decoding.stop, cap)) for r in records],
+                            columns=[*OUTPUT_COLUMNS, *USAGE_COLUMNS, FINISH_COLUMN])
+
+    def _run(self, decoding: Any, items: list, run_items: Any) -> list[dict[str, Any]]:
+        """run_items with this call's decoding. The generator reads its ``generation_config`` and
+        ``seed`` at each generate; the caller holds ``self._lock``, so setting them for this call
+        and restoring them after cannot leak into another call."""
+        gen = self._generator
+        greedy, seed = gen.generation_config, gen.seed
+        gen.generation_config = decoding.config(greedy, gen.max_new_tokens)
+        gen.seed = decoding.run_seed(seed)
+        try:
+            return run_items(gen, items, self.batch_size, progress=False)
+        finally:
+            gen.generation_config, gen.seed = greedy, seed
+
+
+def finish(record: dict[str, Any], stop: tuple[str, ...], cap: int) -> dict[str, Any]:
+    """The record cut at its first stop string (parsed again), with OpenAI's ``finish_reason``:
+    ``stop`` when it ended by itself or at a stop string, ``length`` when the cap cut it (every
+    token of the cap generated; an end-of-sequence token that is exactly the last one reads as
+    ``length`` too, the one case the token count cannot tell apart)."""
+    from riskva_core.evaluate.generation import cut_at_stop
+    from riskva_core.evaluate.parse import parse_answer
+
+    if record.get("error"):
+        return {**record, FINISH_COLUMN: ""}
+    text, stopped = cut_at_stop(record["raw_output"] or "", stop)
+    if stopped:
+        result = parse_answer(text)
+        record = {**record, "raw_output": text, "parsed": result.parsed, "parse_ok": result.parse_ok}
+    done = int((record.get("usage") or {}).get("completion_tokens", 0))
+    return {**record, FINISH_COLUMN: "stop" if stopped or done < cap else "length"}
 
 
 def _reader(data: bytes | None, error: str | None):
@@ -264,4 +315,5 @@ def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
     usage = record.get("usage") or {}
     for column in USAGE_COLUMNS:
         row[column] = int(usage.get(column, 0))
+    row[FINISH_COLUMN] = record.get(FINISH_COLUMN) or ""
     return row

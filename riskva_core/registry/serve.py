@@ -147,11 +147,13 @@ def server_env(config: ServeConfig, base: dict[str, str] | None = None) -> dict[
     if config.overrides():
         env["MLFLOW_PYFUNC_INFERENCE_CONFIG"] = json.dumps(config.overrides())
     if config.api == "openai":
-        from riskva_core.registry.openai_api import DEFAULT_MAX_REQUEST_BYTES, ENV_CONFIG
+        from riskva_core.registry.openai_api import ENV_CONFIG
 
+        # No body limit of its own: the app takes the loaded model's max_request_bytes (which
+        # --max_request_bytes overrides through MLFLOW_PYFUNC_INFERENCE_CONFIG), as scoring_app does.
         env[ENV_CONFIG] = json.dumps({
             "model_uri": config.load_uri, "model_name": _model_name(config.model_uri),
-            "max_request_bytes": config.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
+            "max_request_bytes": config.max_request_bytes,
             "timeout_s": config.timeout, "max_queue": config.max_queue, "max_wait_ms": config.max_wait_ms})
     else:
         from riskva_core.registry import scoring_app

@@ -1,12 +1,26 @@
 """Prometheus metrics of the OpenAI-compatible server (``GET /metrics``, prometheus-client).
 
-- ``riskva_requests_total{status}``: chat-completion requests by HTTP status;
+Every chat-completion request is counted once when it arrives and once when it ends, by how
+it ended, so that ``received = answered + failed + expired + cancelled + refused`` (plus the
+requests in flight):
+
+- ``riskva_requests_received_total``;
+- ``riskva_requests_answered_total``: a 200 with the model's answer;
+- ``riskva_requests_failed_total{reason}``: the server could not answer: ``out_of_memory``
+  (503, retryable), ``worker_died`` (503, the process is going down) or ``error`` (500);
+- ``riskva_requests_expired_total``: no answer within ``--timeout`` (504);
+- ``riskva_requests_cancelled_total``: the client hung up before its answer; it left the queue,
+  or its answer was dropped if its batch was already generating;
+- ``riskva_requests_refused_total{reason}``: refused before reaching the model:
+  ``invalid_request`` (400/404), ``too_large`` (413), ``server_busy`` or ``model_loading`` (503);
+- ``riskva_requests_total{status}``: the same requests by HTTP status (499, nginx's "client
+  closed request", for cancelled ones);
 - ``riskva_request_latency_seconds``: request latency (histogram);
 - ``riskva_batch_size``: requests per generate batch (histogram);
 - ``riskva_queue_depth``: requests waiting for the model;
 - ``riskva_images_total`` and ``riskva_images_per_second`` (answered images, the latter over the
   last minute, for a dashboard without a ``rate()``);
-- ``riskva_ready``: 1 once the model is loaded.
+- ``riskva_ready``: 1 while the model is loaded and its worker alive.
 
 Each app has its own registry, so several apps in one process (tests) do not collide.
 """
@@ -18,6 +32,9 @@ import time
 from typing import Callable
 
 IMAGES_WINDOW_S = 60.0
+OUTCOMES = ("answered", "failed", "expired", "cancelled", "refused")
+REASONS = {"failed": ("out_of_memory", "worker_died", "error"),
+           "refused": ("invalid_request", "too_large", "server_busy", "model_loading")}
 
 
 class ServingMetrics:
@@ -25,6 +42,15 @@ class ServingMetrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
+        self.received = Counter("riskva_requests_received", "Chat-completion requests received",
+                                registry=self.registry)
+        self.outcomes = {
+            outcome: Counter(f"riskva_requests_{outcome}", f"Chat-completion requests {outcome}",
+                             ["reason"] if outcome in REASONS else [], registry=self.registry)
+            for outcome in OUTCOMES}
+        for outcome, reasons in REASONS.items():  # every series exists from the start, at 0
+            for reason in reasons:
+                self.outcomes[outcome].labels(reason=reason)
         self.requests = Counter("riskva_requests", "Chat-completion requests by HTTP status", ["status"],
                                 registry=self.registry)
         self.latency = Histogram("riskva_request_latency_seconds", "Chat-completion latency",
@@ -37,28 +63,35 @@ class ServingMetrics:
               registry=self.registry).set_function(queue_depth)
         Gauge("riskva_images_per_second", f"Images answered per second over the last {IMAGES_WINDOW_S:.0f} s",
               registry=self.registry).set_function(self.images_per_second)
-        Gauge("riskva_ready", "1 once the model is loaded", registry=self.registry).set_function(
-            lambda: float(ready()))
+        Gauge("riskva_ready", "1 while the model is loaded and its worker alive", registry=self.registry
+              ).set_function(lambda: float(ready()))
         self._started = time.monotonic()
-        self._done: collections.deque[tuple[float, int]] = collections.deque()
+        self._done: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
 
-    def observe_request(self, status: int, seconds: float) -> None:
+    def observe_received(self) -> None:
+        self.received.inc()
+
+    def observe_request(self, outcome: str, status: int, seconds: float, reason: str | None = None) -> None:
+        """One request ended: how (``OUTCOMES``, with a reason for failed/refused), its status, latency."""
+        counter = self.outcomes[outcome]
+        (counter.labels(reason=reason) if outcome in REASONS else counter).inc()
         self.requests.labels(status=str(status)).inc()
         self.latency.observe(seconds)
+        if outcome == "answered":
+            self.images.inc()
+            with self._lock:
+                self._done.append(time.monotonic())
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
-        self.images.inc(size)
-        with self._lock:
-            self._done.append((time.monotonic(), size))
 
     def images_per_second(self) -> float:
         now = time.monotonic()
         with self._lock:
-            while self._done and self._done[0][0] < now - IMAGES_WINDOW_S:
+            while self._done and self._done[0] < now - IMAGES_WINDOW_S:
                 self._done.popleft()
-            count = sum(n for _, n in self._done)
+            count = len(self._done)
         return count / max(1e-9, min(IMAGES_WINDOW_S, now - self._started))
 
     def render(self) -> tuple[bytes, str]:

@@ -15,9 +15,7 @@ ZeRO —, scheduler, data position, RNG of every rank incl. CUDA) and rotates th
 """
 from __future__ import annotations
 
-import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from riskva_core.errors import RiskvaError
 
-PAUSE_ENV = "RISKVA_TEST_PAUSE_AFTER_STEP"  # tests: idle after step N until signalled/killed
 STATE_FILE = "trainer_state.json"  # Trainer writes it last: its presence marks a complete checkpoint
 
 
@@ -68,12 +65,10 @@ def _any_rank(flag: bool) -> bool:
 class StopOnSignal(TrainerCallback):
     """SIGTERM/SIGINT → checkpoint on every rank at the same step → Trainer stops cleanly."""
 
-    def __init__(self, output_dir: Path):
-        self.output_dir = Path(output_dir)
+    def __init__(self):
         self.requested = False
         self.stopped_at: int | None = None
         self._old: dict[int, Any] = {}
-        self._pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
@@ -91,12 +86,6 @@ class StopOnSignal(TrainerCallback):
         self._old.clear()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._pause_after and state.global_step == self._pause_after:
-            marker = self.output_dir / "debug" / f"paused-rank{args.process_index}"
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"{state.global_step} {os.getpid()}")  # the harness needs the rank's pid
-            while not self.requested:  # a test harness SIGKILLs or SIGTERMs us here
-                time.sleep(0.05)
         # Collective: a signal seen on any rank stops all ranks at this same step.
         if _any_rank(self.requested):
             self.stopped_at = state.global_step

@@ -8,7 +8,10 @@ bare form (``--bf16``) or a value (``--use_lora False``).
 
 Defaults that differ from upstream are the seed's: batch 2 x 8 accumulation, lr 5e-6, 3 epochs,
 a cosine schedule that decays to 10 % of the peak (``cosine_with_min_lr``, min_lr_rate 0.1),
-3 % warmup, TensorBoard under OUT/runs, two checkpoints kept, seed 42.
+3 % warmup, TensorBoard under OUT/runs, two checkpoints kept, seed 42, input tokens counted
+(``non_padding``). They are defaults only: a value given on the command line means what it means
+upstream. Spellings that meant something else here are refused with the upstream spelling
+(``--save_steps 0`` alone, ``--eval_steps N`` alone, ``--report_to a,b``).
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 
 from riskva_core.errors import RiskvaError
+# init_cpu_ranks is re-exported: the entry points import it from here, beside config_from_args.
+from riskva_core.train.ranks import (check_rank_count, cpu_ranks_configured, has_gpu, init_cpu_ranks,  # noqa: F401
+                                     refuse_data_parallel)
 
 LORA_TARGETS_DEFAULT = "q_proj,v_proj,k_proj,o_proj,gate_proj,up_proj,down_proj"
 # Which language-model sub-module owns each projection name (Qwen2.5-VL decoder layer).
@@ -29,93 +35,10 @@ LM_LINEAR_PARENTS = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
-_CPU_RANKS = {"configured": False}
 MIN_PIXELS_DEFAULT = 56 * 56
 MAX_PIXELS_DEFAULT = 1280 * 28 * 28
 # Below this, a LoRA update stays under bf16's resolution of the weights it is merged into.
 LORA_LR_FLOOR = 1e-5
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def init_cpu_ranks(argv: list[str]) -> bool:
-    """Set up the gloo process group when launched on CPU ranks; True if it did.
-
-    Without a backend, accelerate on a CPU-only machine reports world size 1 on every rank
-    (its DeepSpeed path passes no backend), so N launched ranks would silently train N
-    unsynchronised copies. The state made here is what TrainingArguments then uses
-    (``accelerator_config.use_configured_state``). GPUs keep upstream's nccl set-up.
-    """
-    import os
-
-    import torch
-
-    if os.environ.get("LOCAL_RANK") is None or torch.cuda.is_available():
-        return False
-    from accelerate import PartialState
-
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or any(
-        a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv)
-    if deepspeed:
-        had = os.environ.get("ACCELERATE_USE_DEEPSPEED")
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # as TrainingArguments does for --deepspeed
-        PartialState(backend="gloo")
-        if had is None:
-            del os.environ["ACCELERATE_USE_DEEPSPEED"]
-    else:
-        PartialState(cpu=True, backend="gloo")
-    _CPU_RANKS["configured"] = True
-    return True
-
-
-def refuse_data_parallel(args: TrainingArguments) -> None:
-    """One process that sees several GPUs: refuse, with the launch line to use instead.
-
-    Trainer would wrap the model in ``nn.DataParallel``, which splits the batch along dim 0 of
-    every tensor: ``pixel_values`` (one row per image patch) is cut apart from the ``input_ids``
-    whose image tokens it fills, and the forward fails. One rank per GPU (DDP/DeepSpeed) does not.
-    """
-    import os
-
-    import torch
-
-    if args.use_cpu or args.deepspeed or os.environ.get("LOCAL_RANK") is not None:
-        return
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n > 1:
-        raise RiskvaError(
-            f"one process sees {n} GPUs and Trainer would wrap the model in DataParallel, which splits "
-            f"pixel_values apart from input_ids; launch one rank per GPU: accelerate launch --config_file "
-            f"configs/deepspeed_zero2.yaml --num_processes {n} -m riskva_core.train ... (or use one GPU: "
-            f"CUDA_VISIBLE_DEVICES=0 riskva train ...)")
-
-
-def check_rank_count(args: TrainingArguments) -> None:
-    """Ranks on this node against the GPUs it sees, before any rank touches CUDA.
-
-    The accelerate configs start 8 ranks (the 8-GPU host of the seed's launch line; a config file
-    has no "every GPU" value). More ranks than GPUs would fail later as an invalid device ordinal
-    on some ranks: refused here in one line. Fewer leaves GPUs idle: a warning from local rank 0.
-    """
-    import os
-
-    import torch
-
-    local = os.environ.get("LOCAL_WORLD_SIZE")
-    if args.use_cpu or local is None or not torch.cuda.is_available():
-        return
-    ranks, gpus = int(local), torch.cuda.device_count()
-    if ranks > gpus:
-        raise RiskvaError(f"{ranks} ranks on this node but {gpus} GPU(s) visible: launch with --num_processes {gpus} "
-                          f"(the accelerate configs start 8, one per GPU of an 8-GPU host)")
-    if ranks < gpus and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"[riskva train] warning: {ranks} rank(s) on this node and {gpus} GPUs visible: {gpus - ranks} stay "
-              f"idle; --num_processes {gpus} uses them all (or hide them with CUDA_VISIBLE_DEVICES)",
-              file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -247,29 +170,45 @@ class TrainableArguments:
         return [name for name, on in (("merger", self.tune_merger), ("lm_head", self.train_lm_head)) if on]
 
 
+def _seed_default(name: str, default: Any) -> Any:
+    """Upstream's field ``name`` (help included) with the seed's default; --help names both defaults."""
+    up = next(f for f in dataclasses.fields(TrainingArguments) if f.name == name)
+    help_ = f"{up.metadata.get('help', '').rstrip('. ')}. RisKVA's default, the seed's (upstream: {up.default!r})"
+    return dataclasses.field(default=default, metadata={**up.metadata, "help": help_})
+
+
 @dataclasses.dataclass
 class RiskvaTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with the seed's defaults and two flags upstream lacks."""
 
     output_dir: str = dataclasses.field(
         default=None, metadata={"help": "run folder: checkpoint-N/, runs/ (TensorBoard), adapter/ (the result)"})
-    per_device_train_batch_size: int = 2
+    per_device_train_batch_size: int = _seed_default("per_device_train_batch_size", 2)
     per_device_eval_batch_size: int | None = dataclasses.field(
         default=None, metadata={"help": "evaluation batch per device (default: --per_device_train_batch_size; "
                                         "Trainer's 8 can run out of memory at the end of a 7B run)"})
-    gradient_accumulation_steps: int = 8
-    num_train_epochs: float = 3.0
-    learning_rate: float = 5e-6
+    gradient_accumulation_steps: int = _seed_default("gradient_accumulation_steps", 8)
+    num_train_epochs: float = _seed_default("num_train_epochs", 3.0)
+    learning_rate: float = _seed_default("learning_rate", 5e-6)
     lr_scheduler_type: str = dataclasses.field(
         default="cosine_with_min_lr",
         metadata={"help": "learning-rate schedule after warmup (transformers' SchedulerType names; "
                           "cosine_with_min_lr decays to --lr_scheduler_kwargs min_lr_rate, default 0.1)",
                   "aliases": ["--lr_scheduler"]})
-    warmup_steps: float = 0.03
-    logging_steps: float = 10
-    save_total_limit: int | None = 2
-    report_to: None | str | list[str] = "tensorboard"
-    seed: int = 42
+    warmup_steps: float = _seed_default("warmup_steps", 0.03)
+    logging_steps: float = _seed_default("logging_steps", 10)
+    save_total_limit: int | None = _seed_default("save_total_limit", 2)
+    # A list (one integration per word), as TrainingArguments itself takes it: upstream's CLI type is a
+    # single string, so `--report_to tensorboard mlflow` could not be written at all.
+    report_to: list[str] | None = dataclasses.field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={"help": "integrations to report to, one per word (--report_to tensorboard mlflow), or all, or "
+                          "none (default: tensorboard, under OUT/runs; upstream's is none)"})
+    # None = unset (a string default would go through the flag's boolean parser): non_padding.
+    include_num_input_tokens_seen: str | bool = dataclasses.field(
+        default=None,
+        metadata={"help": "count input tokens: True (all), False (no); unset: non_padding, RisKVA's default "
+                          "(upstream's is no), so every run reports training tokens/s, image tokens included"})
     remove_unused_columns: bool = False  # the collator needs pixel_values/image_grid_thw as they are
     label_names: list[str] | None = dataclasses.field(default_factory=lambda: ["labels"])  # PeftModel hides them
     warmup_ratio: float | None = dataclasses.field(
@@ -288,33 +227,24 @@ class RiskvaTrainingArguments(TrainingArguments):
             if not 0 <= self.warmup_ratio < 1:
                 raise RiskvaError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
-        # The flags' older meanings here: --eval_steps N alone evaluates every N steps, --save_steps 0
-        # saves only on SIGTERM, --report_to takes a comma list.
-        if self.eval_steps and str(self.eval_strategy) == "no":
-            self.eval_strategy = "steps"
-        if self.save_steps == 0:
-            self.save_strategy = "no"
-        if isinstance(self.report_to, str) and "," in self.report_to:
-            self.report_to = [r.strip() for r in self.report_to.split(",") if r.strip()]
+        reports = [self.report_to] if isinstance(self.report_to, str) else self.report_to or []
+        if any("," in r for r in reports):
+            # Upstream would take "a,b" as one integration's name and fail when Trainer starts.
+            raise RiskvaError(f"--report_to {','.join(reports)}: one integration per word, e.g. "
+                              f"--report_to {' '.join(r.strip() for x in reports for r in x.split(',') if r.strip())}")
         if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
             self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}  # the seed recipe's floor: 10 % of the peak
-        if self.accelerator_config is None and _CPU_RANKS["configured"]:
+        if self.accelerator_config is None and cpu_ranks_configured():
             self.accelerator_config = {"use_configured_state": True}  # keep the gloo group set up below
         if self.gradient_checkpointing_kwargs is None and self.activation_checkpointing_kwargs is None:
             # Non-reentrant checkpointing works with frozen inputs (LoRA) and with DeepSpeed ZeRO-3.
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
-        if self.include_num_input_tokens_seen in (False, "no", None):
-            # Always counted (one gathered scalar per step) so every run reports training tokens/s,
-            # image tokens included; the flag's parser only takes booleans, so it is set here.
+        if self.include_num_input_tokens_seen is None:
             self.include_num_input_tokens_seen = "non_padding"
         if self.fp16:
             from riskva_core.model.loading import FP16_REFUSED
 
             raise RiskvaError(f"--fp16 {FP16_REFUSED}; use --bf16")
-        if self.bf16 and not self.use_cpu and not _has_gpu():
-            # The seed's --bf16 on CPU ranks: bf16 autocast on the CPU, as the old loop did
-            # (upstream refuses bf16 without a GPU unless use_cpu is set).
-            self.use_cpu = True
         refuse_data_parallel(self)
         check_rank_count(self)
         if self.early_stopping_patience is not None and (self.early_stopping_patience <= 0
@@ -323,7 +253,10 @@ class RiskvaTrainingArguments(TrainingArguments):
         try:
             super().__post_init__()
         except ValueError as exc:
-            raise RiskvaError(str(exc).splitlines()[0]) from None
+            first = str(exc).splitlines()[0]
+            if "support bf16" in first:  # upstream names the field, not the flag
+                first = f"--bf16: {first.split('.')[0]}; add --use_cpu for bf16 autocast on the CPU, or --bf16 False"
+            raise RiskvaError(first) from None
 
 
 @dataclasses.dataclass
@@ -394,6 +327,20 @@ def fit_recipe(name: str, recipe: dict[str, Any], given: dict[str, Any]) -> dict
     return flags
 
 
+def refuse_old_meanings(given: dict[str, Any]) -> None:
+    """Spellings that meant something else in RisKVA: a one-line error with the upstream spelling.
+
+    Upstream ignores --eval_steps without --eval_strategy steps, and --save_steps 0 saves only at
+    the end; here they used to turn evaluation on and saving off. A run relying on that would
+    silently differ, so without the strategy flag next to them they are refused."""
+    if given.get("eval_steps") and "eval_strategy" not in given:
+        raise RiskvaError(f"--eval_steps {given['eval_steps']:g} alone does not turn evaluation on (upstream): "
+                          f"add --eval_strategy steps")
+    if given.get("save_steps") == 0 and "save_strategy" not in given:
+        raise RiskvaError("--save_steps 0 does not mean 'never save' (upstream saves at the end): "
+                          "use --save_strategy no")
+
+
 def warn_low_lora_lr(cfg: TrainConfig) -> str | None:
     """One warning line (rank 0 prints it) for LoRA at a full fine-tuning rate; the run goes on."""
     import os
@@ -424,11 +371,17 @@ def config_from_args(argv: list[str] | None, description: str | None = None) -> 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         given = explicit_flags(argv)
+        refuse_old_meanings(given)
         try:
             name, recipe = recipe_flags(given.get("recipe", "auto"), given.get("model_name_or_path"))
         except ValueError as exc:
             raise RiskvaError(f"--recipe: {exc}") from None
-        recipe_argv = to_argv(fit_recipe(name, recipe, given))
+        flags = fit_recipe(name, recipe, given)
+        if flags.get("bf16") and not {"bf16", "use_cpu"} & given.keys() and not has_gpu():
+            # The recipe's bf16 on a host without a GPU: bf16 autocast on the CPU, which upstream allows
+            # only with use_cpu. A --bf16 the user gave is left to upstream (refused without --use_cpu).
+            flags["use_cpu"] = True
+        recipe_argv = to_argv(flags)
         model, data, trainable, args = parser.parse_args_into_dataclasses(args=recipe_argv + argv)
     except ValueError as exc:  # upstream validation in TrainingArguments/peft-style checks
         raise RiskvaError(str(exc).splitlines()[0]) from None

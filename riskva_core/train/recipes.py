@@ -12,6 +12,8 @@ LORA_7B    the default for Qwen2.5-VL-7B-Instruct (and any model that is not a d
            rate a LoRA update of a few thousand steps stays below bf16's resolution of the weights
            it is merged into (model/merge.py then refuses it).
 SEED_GPU   the seed's exact values (``--recipe seed``), for reproducing the seed project.
+           Its (and LORA_7B's) bf16 on a host without a GPU is bf16 autocast on the CPU: the recipe's
+           default then comes with ``--use_cpu``, which upstream requires (train/config.py).
 none       no recipe: only the flags' own defaults (``--recipe none``).
 
 Every entry point applies ``--recipe auto`` unless told otherwise (``python -m riskva_core.train``,

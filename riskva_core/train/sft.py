@@ -43,18 +43,17 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from riskva_core.atomic import write_json
 from riskva_core.errors import RiskvaError
 from riskva_core.data.samples import detect_format, read_samples
-from riskva_core.train.checkpoint import PAUSE_ENV, CheckpointExtras, EpochForAugment, StopOnSignal, resolve_resume
+from riskva_core.train.checkpoint import CheckpointExtras, EpochForAugment, StopOnSignal, resolve_resume
 from riskva_core.train.collate import IGNORE_INDEX
-from riskva_core.train.config import TrainConfig, config_from_args, init_cpu_ranks
+from riskva_core.train.config import TrainConfig, config_from_args
+from riskva_core.train.ranks import init_cpu_ranks
 from riskva_core.train.outputs import prompt_template, write_adapter, write_metrics, write_model_extras
 from riskva_core.train.precision import keep_fp32_master
-from riskva_core.train.trainable import apply_trainable, param_groups, params_digest, trainable_state_dict
+from riskva_core.train.trainable import apply_trainable, param_groups, trainable_state_dict
 
-DEBUG_HASH_ENV = "RISKVA_DEBUG_PARAM_HASH"  # each rank writes a hash of its trainable params
-__all__ = ["DEBUG_HASH_ENV", "PAUSE_ENV", "RiskvaTrainer", "main", "train"]
+__all__ = ["RiskvaTrainer", "main", "train"]
 
 
 class RiskvaTrainer(Trainer):
@@ -234,7 +233,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     log(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.2f}%); "
         f"held whole on this rank: {held:,}")
 
-    stop = StopOnSignal(cfg.output_dir)
+    stop = StopOnSignal()
     extras = CheckpointExtras(lambda folder: write_model_extras(folder, processor, cfg.data.dataset_path, template_dict))
     extra = [stop, EpochForAugment(train_ds), extras, *(callbacks or [])]
     if args.early_stopping_patience:
@@ -271,9 +270,6 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     if tokens and result.metrics.get("train_runtime"):
         final.setdefault("train_tokens_per_second", round(tokens / result.metrics["train_runtime"], 3))
-    if os.environ.get(DEBUG_HASH_ENV):
-        write_json(cfg.output_dir / "debug" / f"rank{args.process_index}.json",
-                   {"rank": args.process_index, "world_size": args.world_size, "digest": params_digest(trainer.model)})
     target = write_adapter(cfg, trainer, processor, template_dict, final)  # every rank: ZeRO-3 gathers
     final["adapter_dir"] = str(target)
     log(f"wrote {target}")

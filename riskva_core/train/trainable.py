@@ -1,4 +1,4 @@
-"""What a run trains: the LoRA/full-tuning switch, the optimizer's groups, a digest for tests.
+"""What a run trains: the LoRA/full-tuning switch and the optimizer's groups.
 
 Training, the optimizer and the tests all ask ``apply_trainable``/``trainable_parameters``, so
 the set of trainable weights is defined once; ``param_groups`` gives the merger its own rate.
@@ -6,7 +6,6 @@ the set of trainable weights is defined once; ``param_groups`` gives the merger 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from typing import Any
 
 from riskva_core.train.config import TrainableArguments
@@ -81,11 +80,3 @@ def trainable_state_dict(model, keep: bool = True) -> dict[str, Any]:
         gather = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
     with gather:
         return {n: p.detach().to("cpu", copy=True) for n, p in params.items()} if keep else {}
-
-
-def params_digest(model) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(trainable_parameters(model).items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()

@@ -147,9 +147,12 @@ def test_whole_graph_with_tiny_model_two_ranks(home: Path):
 
 
 def test_registering_twice_makes_one_model_version(tmp_path: Path):
-    """A retry or re-execution of registered_model reuses the version of the same merged model."""
+    """A retry or re-execution of registered_model reuses the version of the same merged model, keeps the
+    lineage tags it was registered with and adds its own run id; tags come from the adapter's record."""
     from model_fixtures import make_parquet_twin, make_prepared_dataset, make_tiny_model
 
+    from riskva_assets.asset_metadata import CODE_VERSIONS
+    from riskva_assets.resume import lineage_tags
     from riskva_core.paths import DataRoot
     from riskva_core.registry.client import Registry
 
@@ -172,14 +175,26 @@ def test_registering_twice_makes_one_model_version(tmp_path: Path):
 
         # Planted stale evidence: a folder merged from an older adapter (the newest merge was refused and
         # wrote nothing), or one whose merge check failed, is never registered.
-        for report, message in (({"equivalent": True, "adapter_sha256": "0" * 64}, "not from the current adapter"),
-                                ({"equivalent": False, "reason": "logits differ", "adapter_sha256": current},
-                                 "merge check failed (logits differ)")):
+        # The adapter's own record, as lora_adapter writes it and merged_model copies it into its report.
+        record = {"data_versions": {"sft_jsonl": "d1"}, "code_versions": {"lora_adapter": CODE_VERSIONS["lora_adapter"]},
+                  "base_model": {"name": "demo", "identity": "/base"}, "seed": 0, "recipe": "demo",
+                  "adapter_version": "ad1", "run_identity": "r1", "dataset_version": VERSION, "step": 2}
+        old_code = {**record, "code_versions": {"lora_adapter": "0ld"}}
+        for report, message in (
+                ({"equivalent": True, "adapter_sha256": "0" * 64, "adapter_lineage": record},
+                 "not from the current adapter"),
+                ({"equivalent": False, "reason": "logits differ", "adapter_sha256": current, "adapter_lineage": record},
+                 "merge check failed (logits differ)"),
+                ({"equivalent": True, "adapter_sha256": current}, "carries no adapter lineage record"),
+                ({"equivalent": True, "adapter_sha256": current, "adapter_lineage": old_code},
+                 f"lora_adapter code version 0ld vs {CODE_VERSIONS['lora_adapter']} (recorded vs now): "
+                 "materialize lora_adapter")):
             (merged / "merge_report.json").write_text(json.dumps(report), encoding="utf-8")
             with pytest.raises(dg.Failure, match=re.escape(message)):
                 register()
         assert list(Registry.under(root).client().search_model_versions("name='riskva'")) == []
-        (merged / "merge_report.json").write_text(json.dumps({"equivalent": True, "adapter_sha256": current}),
+        (merged / "merge_report.json").write_text(json.dumps({"equivalent": True, "adapter_sha256": current,
+                                                              "adapter_lineage": record, "verdict": "equivalent"}),
                                                   encoding="utf-8")
         runs = [register() for _ in range(2)]
     first, second = (r.asset_materializations_for_node("registered_model")[0].metadata for r in runs)
@@ -188,4 +203,8 @@ def test_registering_twice_makes_one_model_version(tmp_path: Path):
     registry = Registry.under(root)
     assert [str(v.version) for v in registry.client().search_model_versions("name='riskva'")] == ["1"]
     tags = registry.get_version("1").tags
-    assert tags["dagster_run_id"] == runs[1].run_id and registry.alias_version("challenger") == "1"
+    assert {k: tags[k] for k in lineage_tags(record)} == lineage_tags(record) and tags["merge.verdict"] == "equivalent"
+    assert tags["base_model"] == "demo" and tags["code_version.lora_adapter"] == CODE_VERSIONS["lora_adapter"]
+    # The version keeps the run that registered it; the re-execution is added, never written over it.
+    assert tags["dagster_run_id"] == runs[0].run_id and tags[f"dagster_run.{runs[0].run_id}"] == "registered"
+    assert tags[f"dagster_run.{runs[1].run_id}"] == "reused" and registry.alias_version("challenger") == "1"

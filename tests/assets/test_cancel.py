@@ -15,10 +15,10 @@ import pytest
 from dagster_graphql.client.client_queries import TERMINATE_RUN_JOB_MUTATION
 from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql, materialize_assets
 from model_fixtures import make_prepared_dataset, make_tiny_model
+from rank_callbacks import PAUSE_ENV, rank_env
 
 from riskva_assets.partitions import DATASET_VERSION
 from riskva_core.paths import DataRoot
-from riskva_core.train.sft import PAUSE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 VERSION = "v1"
@@ -72,15 +72,17 @@ def test_cancel_from_dagster_checkpoints_every_rank_and_leaves_no_process(tmp_pa
     jsonl = make_prepared_dataset(root.prepared_dir(VERSION, "jsonl"), n=8)
     make_tiny_model(root.base_model_dir(VERSION), jsonl)
     # The code server, run worker and ranks inherit these: the data root, two ranks, and a pause after step 1
-    # (the trainer idles there until signalled, so the cancel lands mid-run deterministically).
+    # (a test callback in every rank, tests/rank_site: it idles there until signalled, so the cancel lands
+    # mid-run deterministically).
     monkeypatch.setenv("RISKVA_HOME", str(home))
     monkeypatch.setenv("RISKVA_NUM_PROCESSES", "2")
-    monkeypatch.setenv(PAUSE_ENV, "1")
+    for name, value in rank_env(pause_after_step=1).items():
+        monkeypatch.setenv(name, value)
     out = root.train_dir(VERSION)
     run_config = {
         "execution": {"config": {"in_process": {}}},
         "ops": {"lora_adapter": {"config": {"recipe": "demo", "max_steps": 3, "per_device_train_batch_size": 1,
-                                            "extra_args": ["--save_steps", "0"]}}},
+                                            "extra_args": ["--save_strategy", "no"]}}},
     }
     # The UI's path without a daemon: submit launches at once (the default queued coordinator needs the daemon).
     coordinator = {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"}

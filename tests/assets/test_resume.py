@@ -14,8 +14,9 @@ import psutil
 import pytest
 from model_fixtures import make_hf_cache_snapshot, make_prepared_dataset, make_tiny_model
 
-from riskva_assets.resume import (COMPLETE_FILE, IDENTITY_FILE, SUPERSEDED_DIR, config_files_digest,
-                                  launcher_config_files, mark_complete, plan_resume, run_identity, with_resume)
+from riskva_assets.resume import (COMPLETE_FILE, IDENTITY_FILE, LINEAGE_FILE, SUPERSEDED_DIR, config_files_digest,
+                                  finished_run_record, launcher_config_files, mark_complete, plan_resume,
+                                  run_identity, with_resume, write_lineage)
 
 ARGS = ["--model_name_or_path", "/m", "--dataset_path", "/d", "--output_dir", "/o", "--max_steps", "4"]
 DATA = {"sft_jsonl": "aaaa", "base_model": "bbbb"}
@@ -60,7 +61,7 @@ def test_same_identity_resumes_and_anything_else_is_moved_aside(tmp_path: Path):
     # Each of: training code, launcher/DeepSpeed config, base model, rank count, a flag that matters.
     changes = {"code_version": dict(code_version="c2"), "launcher_config_sha256": dict(launcher_config_sha256="x"),
                "base_model": dict(base_model="/other"), "world_size": dict(world_size=2),
-               "train_args_sha256": dict(train_args=ARGS[:-1] + ["8"])}
+               "train_config_sha256": dict(train_args=ARGS[:-1] + ["8"])}
     for key, change in changes.items():
         assert plan_resume(out, identity).why == "no checkpoint yet; starting fresh"
         _checkpoint(out, 1)  # written by the run of `identity`
@@ -81,18 +82,34 @@ def test_a_finished_run_is_reused_as_it_is_or_retrained_never_resumed(tmp_path: 
     identity = run_identity(ARGS, DATA, "/m", code_version="c1")
     plan_resume(out, identity)
     _checkpoint(out, 4)  # the finished run keeps checkpoint-{max_steps}
-    mark_complete(out, identity, "adapterhash", 4)
-    plan = plan_resume(out, identity, "adapterhash")
+
+    def finish() -> str:  # what lora_adapter does when the run has finished: the record, then completion
+        (out / "adapter").mkdir(exist_ok=True)
+        (out / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+        record = finished_run_record(identity, out / "adapter", data_versions=DATA,
+                                     code_versions={"lora_adapter": "c1"}, base_model={"name": "/m"}, step=4)
+        write_lineage(out / "adapter", record)
+        mark_complete(out, identity, record["adapter_version"], 4)
+        return record["adapter_version"]
+
+    version = finish()
+    plan = plan_resume(out, identity, version)
     assert plan.action == "reuse" and plan.completed["step"] == 4 and "nothing trained" in plan.why
     # Its adapter was replaced or removed since: the finished run's checkpoint-4 is not resumed into 0 steps.
     plan = plan_resume(out, identity, None)
     assert plan.action == "fresh" and plan.why.startswith("the finished run of this identity no longer has its adapter")
-    assert not (out / COMPLETE_FILE).exists() and not list(out.glob("checkpoint-*"))
-    assert sorted(p.name for p in plan.superseded.iterdir()) == ["checkpoint-4", COMPLETE_FILE, IDENTITY_FILE]
+    assert not (out / COMPLETE_FILE).exists() and not list(out.glob("checkpoint-*")) and not (out / "adapter").exists()
+    assert sorted(p.name for p in plan.superseded.iterdir()) == ["adapter", "checkpoint-4", COMPLETE_FILE,
+                                                                 IDENTITY_FILE]
+    # An adapter without its lineage record (written before records were kept) is not reused either.
+    _checkpoint(out, 4)
+    version = finish()
+    (out / "adapter" / LINEAGE_FILE).unlink()
+    assert plan_resume(out, identity, version).action == "fresh"
     # A code change after a finished run: step 0, the finished run's checkpoints moved aside.
     _checkpoint(out, 4)
-    mark_complete(out, identity, "adapterhash", 4)
-    plan = plan_resume(out, run_identity(ARGS, DATA, "/m", code_version="c2"), "adapterhash")
+    version = finish()
+    plan = plan_resume(out, run_identity(ARGS, DATA, "/m", code_version="c2"), version)
     assert plan.action == "fresh" and plan.why.startswith("checkpoints of other code_version: moved them")
 
 
@@ -120,7 +137,7 @@ def test_preemption_resumes_a_finished_run_is_reused_and_a_code_change_retrains_
     from riskva_assets.partitions import DATASET_VERSION
     from riskva_assets.resources import DataRootResource, MlflowResource, TrainingLauncher
     from riskva_core.paths import DataRoot
-    from riskva_core.train.sft import PAUSE_ENV
+    from rank_callbacks import PAUSE_ENV, rank_env
 
     home, version = tmp_path / "home", "v1"
     root = DataRoot(home)
@@ -157,7 +174,8 @@ def test_preemption_resumes_a_finished_run_is_reused_and_a_code_change_retrains_
         # The hub's refs/main moves on after the pin: training still loads the pinned commit.
         make_hf_cache_snapshot(tmp_path / "hub", HUB_ID, "beef002", tiny)
 
-        monkeypatch.setenv(PAUSE_ENV, "1")
+        for name, value in rank_env(pause_after_step=1).items():  # a test callback in the ranks (tests/rank_site)
+            monkeypatch.setenv(name, value)
         signaller = threading.Thread(target=preempt, daemon=True)
         signaller.start()
         try:

@@ -195,3 +195,95 @@ def test_greedy_means_no_repetition_penalty_unless_set_and_the_report_records_it
     assert "repetition_penalty=1.3" in (report_dir / "report.md").read_text(encoding="utf-8")
     with pytest.raises(RiskvaError, match="--repetition_penalty must be > 0"):
         InferConfig(model_path=str(model), image_path="a.jpg", repetition_penalty=0)
+
+
+def _items(paths) -> list:
+    from riskva_core.evaluate.inputs import image_items
+
+    return image_items([str(p) for p in paths], None)
+
+
+@pytest.mark.parametrize("bug", [IndexError, TypeError, ValueError])
+def test_a_code_bug_fails_the_run_with_its_traceback_and_is_never_retried(env, monkeypatch, bug):
+    """Before: a TypeError/IndexError was caught as "generation failed" on every row and scored as a
+    wrong answer, after re-running the batch one photo at a time."""
+    from riskva_core.evaluate.infer import run_items
+
+    gen = env["gen"]
+    calls: list[int] = []
+
+    def buggy_generate(**kwargs):  # a bug in our code between the processor and the model
+        calls.append(len(kwargs["input_ids"]))
+        raise bug("the bug's own message")
+
+    monkeypatch.setattr(gen.model, "generate", buggy_generate)
+    with pytest.raises(bug, match="the bug's own message") as info:
+        run_items(gen, _items(env["images"][:3]), batch_size=3, progress=False)
+    assert calls == [3]  # the batch once: never retried photo by photo
+    assert any(entry.name == "buggy_generate" for entry in info.traceback)  # where the bug is
+
+
+def test_a_photo_over_the_context_fails_alone_and_its_batch_is_answered(env, tmp_path):
+    """A photo whose image tokens + max_new_tokens exceed the model's context (a real model folder with
+    a shorter max_position_embeddings): that photo's row gets the error, the others their answers."""
+    import shutil
+
+    from PIL import Image
+
+    from riskva_core.evaluate.infer import run_items
+
+    small = env["images"][:2]
+    big = tmp_path / "big.jpg"
+    with Image.open(env["images"][2]) as img:
+        img.resize((img.width * 4, img.height * 4)).save(big, quality=95)
+    lengths = {}
+    for name, path in (("small", small[0]), ("big", big)):
+        enc = env["gen"].processor(text=[env["gen"].prompt], images=[env["gen"].load_image(path.read_bytes(), name)],
+                                   return_tensors="pt")
+        lengths[name] = int(enc["attention_mask"].sum())
+    assert lengths["big"] > max(lengths["small"], 1) + 8  # the big photo has more image tokens
+    model = tmp_path / "model"
+    shutil.copytree(env["model"], model)
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    context = (lengths["small"] + lengths["big"]) // 2 + TOKENS
+    for section in (config, config.get("text_config") or {}):
+        if "max_position_embeddings" in section:
+            section["max_position_embeddings"] = context
+    (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    gen = Generator(model, max_new_tokens=TOKENS)
+    recs = run_items(gen, _items([small[0], big, small[1]]), batch_size=3, progress=False)
+    assert [("error" in r) for r in recs] == [False, True, False]
+    assert recs[1]["error"] == (f"prompt of {lengths['big']} tokens (with the image's) + max_new_tokens {TOKENS} "
+                                f"exceeds the model's context of {context} tokens")
+    alone = [env["gen"].generate([env["gen"].load_image(p.read_bytes(), str(p))])[0] for p in small]
+    assert [recs[0]["raw_output"], recs[2]["raw_output"]] == alone  # same weights, same answers
+
+
+def test_an_out_of_memory_batch_is_answered_one_photo_at_a_time_and_one_photo_out_of_memory_stops(env, monkeypatch):
+    import torch
+
+    from riskva_core.evaluate.infer import run_items
+
+    gen = env["gen"]
+    real = gen.model.generate
+    calls: list[int] = []
+
+    def batch_too_big(**kwargs):  # what a GPU does when a batch of several photos does not fit (none here)
+        calls.append(len(kwargs["input_ids"]))
+        if len(kwargs["input_ids"]) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(**kwargs)
+
+    monkeypatch.setattr(gen.model, "generate", batch_too_big)
+    paths = env["images"][:3]
+    recs = run_items(gen, _items(paths), batch_size=3, progress=False)
+    assert calls == [3, 1, 1, 1] and not any("error" in r for r in recs)
+    monkeypatch.setattr(gen.model, "generate", real)
+    assert [r["raw_output"] for r in recs] == [gen.generate([gen.load_image(p.read_bytes(), str(p))])[0] for p in paths]
+
+    def always(**kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gen.model, "generate", always)
+    with pytest.raises(torch.OutOfMemoryError):  # infrastructure: never a per-row "wrong answer"
+        run_items(gen, _items(paths[:1]), batch_size=1, progress=False)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import jieba
+import numpy as np
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
@@ -210,3 +211,85 @@ def test_macro_f1_codes_equals_sklearn_on_random_labels():
         p = rng.integers(0, 4, size=15)  # code 3 = INVALID
         labels = list(M.CONFUSION_LABELS)
         assert M.macro_f1_codes(t, p) == pytest.approx(M.macro_f1([labels[i] for i in t], [labels[i] for i in p]))
+
+
+# ---------------------------------------------------------------- cluster bootstrap (issue 25)
+
+def _clustered(n_groups: int, size: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Paired differences where each group of ``size`` near-duplicates shares one outcome."""
+    rng = np.random.default_rng(seed)
+    per_group = rng.choice([-1.0, 0.0, 1.0], p=[0.15, 0.7, 0.15], size=n_groups)
+    return np.repeat(per_group, size), [f"g{g}" for g in np.repeat(np.arange(n_groups), size)]
+
+
+def test_group_codes_follow_first_appearance_and_ungrouped_photos_stand_alone():
+    from riskva_core.evaluate.bootstrap import group_codes
+
+    assert group_codes(["b", "a", "b", None, None, "a"], 6).tolist() == [0, 1, 0, 2, 3, 1]
+    assert group_codes(None, 3).tolist() == [0, 1, 2]
+    assert group_codes([3, "3"], 2).tolist() == [0, 0]  # split.json's int label and its string are one group
+    with pytest.raises(ValueError, match="2 group ids for 3 samples"):
+        group_codes(["a", "b"], 3)
+
+
+def test_singleton_groups_give_exactly_the_photo_bootstrap():
+    a, b = [1, 0, 1, 1, 0, 1, 0, 0, 1], [0, 0, 1, 0, 1, 1, 1, 0, 0]
+    photo = M.paired_bootstrap(a, b, 500, 3)
+    assert M.paired_bootstrap(a, b, 500, 3, groups=[f"g{i}" for i in range(9)]) == photo
+    assert M.paired_bootstrap(a, b, 500, 3, groups=[None] * 9) == photo
+    # the same draws as resampling photo indices directly (what evaluation did before groups)
+    idx = np.random.default_rng(3).integers(0, 9, size=(500, 9))
+    deltas = (np.array(a) - np.array(b))[idx].mean(axis=1)
+    assert photo["ci95"] == pytest.approx(list(np.percentile(deltas, [2.5, 97.5])))
+
+
+def test_duplicated_photos_do_not_narrow_the_interval():
+    """Each group of 4 near-duplicates answered alike is one piece of evidence, not four."""
+    diff, groups = _clustered(60, 4, seed=1)
+    grouped = M.paired_bootstrap(diff, np.zeros_like(diff), 2000, 0, groups=groups)
+    one_each = M.paired_bootstrap(diff[::4], np.zeros(60), 2000, 0)
+    as_photos = M.paired_bootstrap(diff, np.zeros_like(diff), 2000, 0)
+    width = lambda r: r["ci95"][1] - r["ci95"][0]  # noqa: E731
+    assert grouped["n_groups"] == 60 and grouped["n"] == 240
+    assert width(grouped) == pytest.approx(width(one_each), rel=0.15)  # as if one photo per defect
+    assert width(as_photos) < 0.6 * width(grouped)  # the photo bootstrap's false precision (≈ 1/2)
+    assert grouped["design_effect"] == pytest.approx(4.0, rel=0.05)  # 4 identical copies per group
+    assert as_photos["design_effect"] == 1.0
+
+
+def test_bootstrap_ci_resamples_groups():
+    diff, groups = _clustered(50, 3, seed=2)
+
+    def mean(idx):
+        return float(diff[idx].mean())
+
+    grouped = M.bootstrap_ci(len(diff), mean, 1000, 0, groups=groups)
+    photos = M.bootstrap_ci(len(diff), mean, 1000, 0)
+    assert grouped[0] < diff.mean() < grouped[1]
+    assert (photos[1] - photos[0]) < 0.7 * (grouped[1] - grouped[0])  # ≈ 1/sqrt(3)
+    assert M.bootstrap_ci(len(diff), mean, 1000, 0, groups=groups) == grouped  # seeded
+
+
+def test_compare_predictions_reads_the_records_groups():
+    gt = {"风险": "A", "风险等级": "严重", "纠正和预防建议": "C", "缺陷描述": "D"}
+    wrong = {**gt, "风险等级": "轻微"}
+    a = [{"id": str(i), "parsed": gt if i % 8 < 4 else wrong, "ground_truth": gt, "group": f"g{i // 4}"}
+         for i in range(40)]
+    b = [{"id": str(i), "parsed": gt, "ground_truth": gt} for i in range(40)]
+    out = M.compare_predictions(a, b, 300, 0)
+    assert out["accuracy"]["n_groups"] == 10 and out["accuracy"]["n"] == 40
+
+
+def test_photos_needed_formula():
+    from statistics import NormalDist
+
+    from riskva_core.evaluate.bootstrap import photos_needed
+
+    z = NormalDist().inv_cdf(0.975) + NormalDist().inv_cdf(0.8)
+    assert photos_needed(0.45, 0.02) == int(np.ceil((z * 0.45 / 0.02) ** 2))
+    assert photos_needed(0.45, 0.02, design_effect=2.0) == int(np.ceil((z * 0.45 / 0.02) ** 2 * 2))
+    assert photos_needed(0.45, 0.02, design_effect=0.5) == photos_needed(0.45, 0.02)  # floored at 1
+    assert photos_needed(0.45, 0.02, power=0.9) > photos_needed(0.45, 0.02)
+    assert photos_needed(0.45, 0.0) is None and photos_needed(0.45, -0.01) is None
+    with pytest.raises(ValueError, match="power"):
+        photos_needed(0.45, 0.02, power=1.0)

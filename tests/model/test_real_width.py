@@ -24,6 +24,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import torch
 
 from model_fixtures import make_prepared_dataset
 
@@ -47,6 +48,8 @@ TRAIN_FLAGS = ["--bf16", "--gradient_checkpointing", "--use_lora", "True", "--lo
                "--gradient_accumulation_steps", "1", "--warmup_ratio", "0", "--min_pixels", "784",
                "--max_pixels", "3136", "--max_length", "256", "--logging_steps", "1",
                "--seed", "0"]
+# bf16 autocast on CPU ranks: upstream takes --bf16 without a GPU only with --use_cpu.
+TRAIN_FLAGS += [] if torch.cuda.is_available() else ["--use_cpu"]
 ZERO2_FLAGS = ["--max_steps", "2", "--save_steps", "2"]
 
 
@@ -83,7 +86,7 @@ def hub(tmp_path_factory):
 
 
 def _launch(config: Path, model: str, data: Path, out: Path, port: int,
-            steps: list[str] = ("--max_steps", "1", "--save_steps", "0")) -> list[str]:
+            steps: list[str] = ("--max_steps", "1", "--save_strategy", "no")) -> list[str]:
     return [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2",
             "--main_process_port", str(port), "-m", "riskva_core.train", "--model_name_or_path", model,
             "--dataset_path", str(data), "--output_dir", str(out), *TRAIN_FLAGS, *steps]

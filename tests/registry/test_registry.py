@@ -51,8 +51,10 @@ def test_pyfunc_loads_by_alias_and_predicts_bytes_and_base64(logged):
     reg.activate()
     model = mlflow.pyfunc.load_model("models:/riskva@challenger")
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
-    columns = [*FIELDS, "raw_output", "parse_ok", "error", "prompt_tokens", "completion_tokens"]
+    columns = [*FIELDS, "raw_output", "parse_ok", "error", "prompt_tokens", "completion_tokens", "finish_reason"]
     assert [c.name for c in model.metadata.get_output_schema().inputs] == columns
+    assert [p.name for p in model.metadata.get_params_schema().params] == [
+        "max_new_tokens", "temperature", "top_p", "seed", "stop"]  # per-request decoding (MLflow params)
     out = model.predict(pd.DataFrame({"image": [image, image]}))
     assert list(out.columns) == columns and len(out) == 2
     assert (out["error"] == "").all()

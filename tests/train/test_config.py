@@ -20,6 +20,9 @@ HUB_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
 # The seed's launch line (README.zh.md) without --learning_rate.
 SEED_LINE = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8", "--num_train_epochs", "3",
              "--bf16", "--gradient_checkpointing", "--use_lora", "True"]
+# Upstream takes --bf16 without a bf16 GPU only with --use_cpu (bf16 autocast on the CPU).
+if not torch.cuda.is_available():
+    SEED_LINE.append("--use_cpu")
 
 
 def _cfg(model: str, *flags: str):
@@ -52,7 +55,8 @@ def test_the_recipe_comes_from_the_base_model_and_given_flags_win(demo_model):
 def test_the_dagster_asset_flags_put_the_same_recipe_underneath(demo_model):
     # The asset resolves the recipe itself; `--recipe seed` on the demo model must not get demo flags below.
     name, argv = resolve("seed", demo_model)
-    cfg = _cfg(demo_model, *argv)
+    # The asset passes the recipe's flags themselves, so its --bf16 is a given flag: upstream's rule applies.
+    cfg = _cfg(demo_model, *argv, *([] if torch.cuda.is_available() else ["--use_cpu"]))
     assert cfg.model.recipe == "seed" and not cfg.trainable.train_lm_head and cfg.trainable.merger_lr is None
 
 
@@ -112,3 +116,87 @@ def test_more_ranks_than_gpus_is_refused_and_idle_gpus_are_named(monkeypatch, ca
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # CPU ranks (gloo) are not GPUs
     check_rank_count(SimpleNamespace(use_cpu=True))
+
+
+# Upstream flags mean what upstream says: for the same argv, the parsed TrainingArguments equal those of
+# transformers' own HfArgumentParser(TrainingArguments); RisKVA changes defaults only, and refuses its
+# former meanings with the upstream spelling.
+def _ours_and_upstream(*argv: str):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    ours = _cfg(HUB_ID, "--recipe", "none", *argv).args
+    (upstream,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(args=["--output_dir", "o", *argv])
+    return ours, upstream
+
+
+def _same(fields: tuple[str, ...], *argv: str) -> None:
+    ours, upstream = _ours_and_upstream(*argv)
+    assert {f: getattr(ours, f) for f in fields} == {f: getattr(upstream, f) for f in fields}, argv
+
+
+def test_eval_steps_means_what_upstream_says():
+    fields = ("eval_strategy", "eval_steps", "do_eval")
+    for argv in (["--eval_strategy", "steps", "--eval_steps", "5"], ["--eval_strategy", "no", "--eval_steps", "5"],
+                 ["--eval_strategy", "epoch", "--eval_steps", "5"], ["--eval_strategy", "steps", "--logging_steps", "3"]):
+        _same(fields, *argv)
+    # Alone it turned evaluation on here; upstream ignores it, so a run relying on that is refused.
+    with pytest.raises(RiskvaError, match=r"^--eval_steps 5 alone does not turn evaluation on .*add --eval_strategy steps$"):
+        _cfg(HUB_ID, "--eval_steps", "5")
+
+
+def test_save_steps_means_what_upstream_says():
+    fields = ("save_strategy", "save_steps")
+    for argv in (["--save_steps", "7"], ["--save_steps", "0.25"], ["--save_strategy", "no", "--save_steps", "0"],
+                 ["--save_strategy", "steps", "--save_steps", "0"], ["--save_strategy", "epoch"]):
+        _same(fields, *argv)
+    # "Never save" here before; upstream's save_steps 0 saves at the end only.
+    with pytest.raises(RiskvaError, match=r"^--save_steps 0 does not mean 'never save' .*use --save_strategy no$"):
+        _cfg(HUB_ID, "--save_steps", "0")
+
+
+def test_include_num_input_tokens_seen_means_what_upstream_says():
+    from riskva_core.train.config import build_parser
+
+    for argv in (["--include_num_input_tokens_seen", "False"], ["--include_num_input_tokens_seen", "True"],
+                 ["--include_num_input_tokens_seen"], ["--include_num_input_tokens_seen", "no"]):
+        _same(("include_num_input_tokens_seen",), *argv)
+    assert _cfg(HUB_ID, "--include_num_input_tokens_seen", "False").args.include_num_input_tokens_seen == "no"
+    # Only the default differs (tokens/s in every run), and --help says so.
+    assert _cfg(HUB_ID).args.include_num_input_tokens_seen == "non_padding"
+    shown = " ".join(build_parser().format_help().split())
+    assert "unset: non_padding, RisKVA's default (upstream's is no)" in shown
+    assert "RisKVA's default, the seed's (upstream: 5e-05) (default: 5e-06)" in shown  # --learning_rate
+
+
+def test_bf16_means_what_upstream_says():
+    from transformers import HfArgumentParser, TrainingArguments
+
+    _same(("bf16", "use_cpu", "mixed_precision"), "--bf16", "--use_cpu")
+    _same(("bf16", "use_cpu", "mixed_precision"), "--bf16", "False")
+    try:
+        HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(args=["--output_dir", "o", "--bf16"])
+    except ValueError:  # no bf16 GPU here: upstream refuses, and so does RisKVA (it used to switch use_cpu on)
+        with pytest.raises(RiskvaError, match=r"^--bf16: .*add --use_cpu"):
+            _cfg(HUB_ID, "--bf16")
+        # The 7B recipe's own bf16 (a default, not a flag the user gave) comes with use_cpu on such a host.
+        recipe = _cfg(HUB_ID).args
+        assert recipe.bf16 and recipe.use_cpu
+    else:
+        _same(("bf16", "use_cpu", "mixed_precision"), "--bf16")
+        assert not _cfg(HUB_ID).args.use_cpu
+
+
+def test_report_to_means_what_upstream_says():
+    from transformers import TrainingArguments
+
+    for argv in (["--report_to", "tensorboard"], ["--report_to", "none"], ["--report_to", "all"],
+                 ["--report_to", "mlflow"]):
+        _same(("report_to",), *argv)
+    # Several integrations, one per word: what TrainingArguments(report_to=[...]) means (upstream's CLI type
+    # is one string, so it cannot spell a list); a comma list is one unknown name upstream, refused here.
+    assert _cfg(HUB_ID, "--report_to", "tensorboard", "mlflow").args.report_to == \
+        TrainingArguments(output_dir="o", report_to=["tensorboard", "mlflow"]).report_to
+    with pytest.raises(RiskvaError, match=r"^--report_to tensorboard,mlflow: one integration per word, "
+                                          r"e.g. --report_to tensorboard mlflow$"):
+        _cfg(HUB_ID, "--report_to", "tensorboard,mlflow")
+    assert _cfg(HUB_ID).args.report_to == ["tensorboard"]  # RisKVA's default (upstream: none)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from model_fixtures import make_prepared_dataset, make_tiny_model
 
@@ -21,6 +22,8 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 TWIN = Path(__file__).with_name("upstream_save_twin.py")
 SEED_FLAGS = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8", "--num_train_epochs", "3",
               "--learning_rate", "5e-6", "--bf16", "--gradient_checkpointing", "--use_lora", "True"]
+if not torch.cuda.is_available():
+    SEED_FLAGS.append("--use_cpu")  # upstream takes --bf16 without a GPU only with it (bf16 autocast on the CPU)
 HF_FLAGS = ["--max_steps", "4", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1", "--eval_strategy", "steps",
             "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1",
             "--load_best_model_at_end", "True", "--metric_for_best_model", "eval_loss", "--logging_steps", "1",
@@ -130,7 +133,7 @@ def test_zero3_three_cpu_ranks_partitioned_weights_uneven_eval_finishes(env, tmp
                 paths + SMALL + ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
                                  "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1",
                                  "--per_device_eval_batch_size", "1", "--learning_rate", "1e-3", "--lora_r", "4",
-                                 "--lora_alpha", "8", "--train_lm_head", "True", "--save_steps", "0",
+                                 "--lora_alpha", "8", "--train_lm_head", "True", "--save_strategy", "no",
                                  "--report_to", "none"],
                 "--deepspeed_config_file", str(tmp_path / "ds_zero3_p0.json"), timeout=400,
                 upstream_saves=tmp_path / "upstream")
@@ -167,7 +170,7 @@ def test_deepspeed_flag_under_torchrun_zero3_counts_partitioned_weights(env, tmp
            "--master_port", str(29900 + os.getpid() % 90), "-m", "riskva_core.train", "--deepspeed",
            str(tmp_path / "ds.json"), *paths, *SMALL, "--per_device_train_batch_size", "1",
            "--gradient_accumulation_steps", "1", "--max_steps", "1", "--lora_r", "4", "--lora_alpha", "8",
-           "--train_lm_head", "True", "--save_steps", "0", "--report_to", "none",
+           "--train_lm_head", "True", "--save_strategy", "no", "--report_to", "none",
            "--recipe", "none"]  # exactly these trainables, no demo recipe (merger) underneath
     env_ = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     p = subprocess.run(cmd, cwd=REPO, env=env_, capture_output=True, text=True, timeout=400)

@@ -38,7 +38,8 @@ def test_full_fine_tuning_keeps_updates_that_bf16_weights_would_round_away(env, 
     out = root / "full"
     # Adam's first steps move each weight by ~lr: 2 x 2e-6 stays below half of bf16's spacing (|w| / 256)
     # for all but the smallest weights (|w| ~ 0.014 here).
-    result = train(config_from_args(_args(model, data, out, "--bf16", "--learning_rate", "2e-6")))
+    cpu = [] if torch.cuda.is_available() else ["--use_cpu"]  # upstream: --bf16 without a GPU needs it
+    result = train(config_from_args(_args(model, data, out, "--bf16", *cpu, "--learning_rate", "2e-6")))
     assert result["step"] == 2
     assert "trainable bf16 tensors in float32" in capsys.readouterr().err
     with safe_open(str(model / "model.safetensors"), "pt") as f:

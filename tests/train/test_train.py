@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from model_fixtures import make_prepared_dataset, make_tiny_model
+from rank_callbacks import params_digest, paused_marker, rank_env
 from riskva_core.data.samples import read_samples
 from riskva_core.errors import RiskvaError
 from riskva_core.train.config import TrainableArguments, build_parser, config_from_args
-from riskva_core.train.sft import DEBUG_HASH_ENV, PAUSE_ENV, train
-from riskva_core.train.trainable import apply_trainable, params_digest
+from riskva_core.train.sft import train
+from riskva_core.train.trainable import apply_trainable
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -49,8 +50,8 @@ def _args(model: Path, data: Path, out: Path, **over) -> list[str]:
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO), **{k: str(v) for k, v in extra.items()})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.update({k: str(v) for k, v in extra.items()})  # rank_env's PYTHONPATH keeps the repository
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
@@ -77,7 +78,7 @@ def _adapter_tensors(out: Path) -> dict:
 def zero2_run(env):
     root, data, model = env
     out = root / "zero2"
-    p = _run(_launch(1, _args(model, data, out)), **{DEBUG_HASH_ENV: 1})
+    p = _run(_launch(1, _args(model, data, out)), **rank_env(digest=True))
     return out, p
 
 
@@ -131,8 +132,8 @@ def test_zero2_single_process_trains_saves_and_reloads(env, zero2_run):
 def test_zero2_two_ranks_stay_in_sync(env):
     root, data, model = env
     out = root / "zero2x2"
-    p = _run(_launch(2, _args(model, data, out, max_steps=3, save_steps=0, merger_lr=1e-2, augment_flip=True)),
-             **{DEBUG_HASH_ENV: 1})
+    p = _run(_launch(2, _args(model, data, out, max_steps=3, save_strategy="no", merger_lr=1e-2, augment_flip=True)),
+             **rank_env(digest=True))
     ranks = [json.loads((out / "debug" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["digest"] == ranks[1]["digest"]
@@ -157,11 +158,11 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(env, zero2_run):
     ref_out, _ = zero2_run
     out = root / "killed"
     args = _args(model, data, out)
-    proc = subprocess.Popen(_launch(1, args), cwd=REPO, env=_env(**{PAUSE_ENV: 3}), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(_launch(1, args), cwd=REPO, env=_env(**rank_env(pause_after_step=3)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_for(out / "debug" / "paused-rank0", proc)
-        rank_pid = int((out / "debug" / "paused-rank0").read_text().split()[1])
+        _wait_for(paused_marker(out), proc)
+        rank_pid = int(paused_marker(out).read_text().split()[1])
         os.kill(rank_pid, signal.SIGKILL)  # the training process itself: no chance to clean up
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher (the rank runs in its own session)
@@ -184,10 +185,11 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(env, zero2_run):
 def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(env):
     root, data, model = env
     out = root / "sigterm"
-    args = _args(model, data, out, max_steps=3, save_steps=0, report_to="none")
-    proc = subprocess.Popen([str(PY), "-m", "riskva_core.train", *args], cwd=REPO, env=_env(**{PAUSE_ENV: 1}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "debug" / "paused-rank0", proc)
+    args = _args(model, data, out, max_steps=3, save_strategy="no", report_to="none")
+    proc = subprocess.Popen([str(PY), "-m", "riskva_core.train", *args], cwd=REPO,
+                            env=_env(**rank_env(pause_after_step=1)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(paused_marker(out), proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
@@ -295,6 +297,8 @@ def test_merger_lr_is_its_own_group_and_follows_the_schedule(env, tmp_path):
 
 
 def test_flags_help_and_validation(env):
+    import torch
+
     _, data, model = env
     text = build_parser().format_help()
     # Ours, the seed's, and upstream's TrainingArguments flags, with the older spellings kept.
@@ -305,14 +309,18 @@ def test_flags_help_and_validation(env):
         assert flag in text, flag
     base = ["--model_name_or_path", str(model), "--dataset_path", str(data), "--output_dir", "o"]
     assert config_from_args(base + ["--use_lora", "False"]).trainable.use_lora is False
-    cfg = config_from_args(base + ["--use_lora", "True", "--bf16", "--dtype", "bfloat16"])
+    cpu = [] if torch.cuda.is_available() else ["--use_cpu"]  # upstream: --bf16 without a GPU needs it
+    cfg = config_from_args(base + ["--use_lora", "True", "--bf16", "--dtype", "bfloat16", *cpu])
     assert cfg.args.bf16 is True and cfg.model.torch_dtype == "bfloat16"
     # The old loop's cosine: decays to 10 % of the peak.
     assert cfg.args.lr_scheduler_type == "cosine_with_min_lr" and cfg.args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     assert config_from_args(base + ["--warmup_ratio", "0.1"]).args.warmup_steps == 0.1
     assert config_from_args(base + ["--lr_scheduler", "linear"]).args.lr_scheduler_type == "linear"
-    assert config_from_args(base + ["--report_to", "tensorboard,mlflow"]).args.report_to == ["tensorboard", "mlflow"]
-    assert config_from_args(base + ["--eval_steps", "5"]).args.eval_strategy == "steps"
+    assert config_from_args(base + ["--report_to", "tensorboard", "mlflow"]).args.report_to == ["tensorboard", "mlflow"]
+    with pytest.raises(RiskvaError, match="one integration per word"):
+        config_from_args(base + ["--report_to", "tensorboard,mlflow"])
+    with pytest.raises(RiskvaError, match="add --eval_strategy steps"):
+        config_from_args(base + ["--eval_steps", "5"])
     with pytest.raises(RiskvaError, match="lora_target_modules"):
         config_from_args(base + ["--lora_target_modules", "q_proj,qkv"])
     with pytest.raises(RiskvaError, match="min_pixels"):
@@ -336,7 +344,7 @@ def test_early_stopping_and_best_checkpoint(env):
     """
     root, data, model = env
     out = root / "early"
-    args = _args(model, data, out, max_steps=6, save_steps=1, eval_steps=1, report_to="none",
+    args = _args(model, data, out, max_steps=6, save_steps=1, eval_strategy="steps", eval_steps=1, report_to="none",
                  load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
                  early_stopping_patience=1, lora_dropout=0.0)
     result = train(config_from_args(args))
@@ -365,7 +373,7 @@ def test_final_eval_runs_after_the_adapter_is_written_at_the_training_batch(env)
 
     n_val = len(read_samples(data, "val"))
     result = train(config_from_args(_args(model, data, out, max_steps=1, per_device_train_batch_size=2,
-                                          report_to="none", save_steps=0)), callbacks=[Probe()])
+                                          report_to="none", save_strategy="no")), callbacks=[Probe()])
     assert Probe.seen == [("batch", True)] * -(-n_val // 2) + [("eval", True)]
     final = json.loads((out / "adapter" / "metrics.json").read_text())["final"]
     assert final["eval_loss"] == result["eval_loss"] > 0  # metrics.json updated after the evaluation

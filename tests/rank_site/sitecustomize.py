@@ -1,0 +1,107 @@
+"""Test-only TrainerCallbacks for training processes that a test does not start itself.
+
+Python imports ``sitecustomize`` at start-up from PYTHONPATH (site's documented hook); tests put this
+folder there (tests/rank_callbacks.py ``rank_env``), so the ranks that a real launch path starts
+(accelerate, torchrun, a Dagster run worker, Pipes) carry these callbacks while production code knows
+nothing of them. Each is added to ``transformers.trainer.DEFAULT_CALLBACKS`` (the list every Trainer
+starts from) when that module is first imported; with neither variable set this file does nothing.
+
+- RISKVA_TESTS_PAUSE_AFTER_STEP=N: after optimizer step N the rank writes OUT/debug/paused-rankR
+  ("N PID") and idles until a SIGTERM/SIGINT reaches it (then the run's own handler stops it at this
+  step) or it is killed, so a cancel, a preemption or a SIGKILL lands mid-run at a known step.
+- RISKVA_TESTS_PARAM_DIGEST=1: when training ends each rank writes OUT/debug/rankR.json with its world
+  size and a sha256 over its trainable parameters (ranks in sync; an adapter reloads exactly).
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+
+PAUSE_ENV = "RISKVA_TESTS_PAUSE_AFTER_STEP"
+DIGEST_ENV = "RISKVA_TESTS_PARAM_DIGEST"
+
+
+def params_digest(model) -> str:
+    """sha256 over the trainable parameters' names and float32 values."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _callbacks() -> list:
+    import json
+    import signal
+    import time
+    from pathlib import Path
+
+    from transformers import TrainerCallback
+
+    def debug_file(args, name: str) -> Path:
+        path = Path(args.output_dir) / "debug" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    class PauseAfterStep(TrainerCallback):
+        def __init__(self, step: int):
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step != self.step:
+                return
+            signalled = []
+            previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+            def note(signum, frame):  # then whatever the run installed (its stop-at-next-step handler)
+                signalled.append(signum)
+                if callable(previous[signum]):
+                    previous[signum](signum, frame)
+
+            for sig in previous:
+                signal.signal(sig, note)
+            debug_file(args, f"paused-rank{args.process_index}").write_text(f"{state.global_step} {os.getpid()}")
+            try:
+                while not signalled:
+                    time.sleep(0.05)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    class ParamDigest(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            debug_file(args, f"rank{args.process_index}.json").write_text(json.dumps(
+                {"rank": args.process_index, "world_size": args.world_size, "digest": params_digest(model)}))
+
+    out = []
+    if os.environ.get(PAUSE_ENV):
+        out.append(PauseAfterStep(int(os.environ[PAUSE_ENV])))
+    if os.environ.get(DIGEST_ENV):
+        out.append(ParamDigest())
+    return out
+
+
+class _AddCallbacks(importlib.abc.MetaPathFinder):
+    """Finds transformers.trainer as usual, and extends DEFAULT_CALLBACKS right after it loads."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "transformers.trainer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            module.DEFAULT_CALLBACKS.extend(_callbacks())
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get(PAUSE_ENV) or os.environ.get(DIGEST_ENV):
+    sys.meta_path.insert(0, _AddCallbacks())
