@@ -216,7 +216,7 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]], staging: Path, metada
 
 
 def _grouped_by(cfg: PrepareConfig) -> str:
-    return ("image content sha256 + perceptual hash (pHash) within "
+    return ("image content sha256 + pHash family (full frame, central crops) within "
             f"{cfg.near_duplicate_radius} bits" + (f" + CSV column {cfg.group_column}" if cfg.group_column else ""))
 
 

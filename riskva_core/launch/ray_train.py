@@ -115,17 +115,17 @@ def train_worker(config: dict) -> None:
 
 def relay(path: Path, done: threading.Event) -> None:
     """Print each complete line of rank 0's Pipes file to stdout until ``done`` and the file is read."""
-    offset, pending = 0, ""
+    offset, pending = 0, b""
     while True:
         finished = done.is_set()
         if path.is_file():
-            with open(path, encoding="utf-8") as f:
+            with open(path, "rb") as f:  # bytes: a line still being written may end mid-character
                 f.seek(offset)
                 chunk = f.read()
-                offset = f.tell()
-            *lines, pending = (pending + chunk).split("\n")
+            offset += len(chunk)
+            *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
-                print(line, flush=True)
+                print(line.decode("utf-8"), flush=True)
         if finished:
             return
         time.sleep(0.2)

@@ -101,3 +101,4 @@ def test_gpu_check_dry_run_trains_with_the_7b_recipe_merges_infers_and_writes_on
     infer = result["infer"]["by_batch_size"]
     assert set(infer) == {"1", "8"} and all(v["tokens_per_s"] > 0 and v["images"] == 8 for v in infer.values())
     assert result["infer"]["speedup"] > 0
+    assert result["vllm"] == {"skipped": "a dry run on CPU: nothing about vLLM is run or claimed"}

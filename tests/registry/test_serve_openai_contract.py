@@ -4,9 +4,8 @@ One tiny model is registered (batch_size 4, max_new_tokens 32, a body limit of i
 served once for the module: hung-up clients leave the queue and are counted cancelled; every
 request field is honoured (max_tokens, stop, temperature/top_p/seed, greedy = `riskva infer`)
 or refused with a 400 naming it; the body limit is the model's own; the /metrics counters add
-up. A second server is started for the one test that kills its batching worker (from outside,
-with gdb: an exception raised in the worker thread) and watches /ready turn 503 and the
-process exit non-zero.
+up. The last test kills the server's batching worker (from outside, with gdb: an exception
+raised in the worker thread) and watches /ready turn 503 and the process exit non-zero.
 """
 from __future__ import annotations
 
@@ -225,7 +224,8 @@ def test_the_body_limit_is_the_registered_models_own(world, server):
 
 def test_the_metrics_counters_add_up(world, server):
     url, _ = server
-    _post(url, _chat(world["images"][0], max_token=1))  # refused
+    _post(url, _chat(world["images"][0], max_token=1))  # refused: invalid
+    _post(url, _chat(b"\xff" * MAX_BODY))  # refused: too large
     samples = _metrics(url)
     counts = _outcomes(samples)
     assert counts["received"] == sum(counts[o] for o in ("answered", "failed", "expired", "cancelled", "refused"))
@@ -241,31 +241,30 @@ GDB_RAISE_IN_WORKER = (
     "        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(SystemExit))\n")
 
 
-def test_a_dead_worker_makes_ready_503_and_the_process_exit_non_zero(world, tmp_path):
+def test_a_dead_worker_makes_ready_503_and_the_process_exit_non_zero(world, server):
+    """Last in the module: it ends the module's server (one model load fewer than a server of its own)."""
     gdb = shutil.which("gdb")
     if gdb is None:
         if os.environ.get("CI") == "true":
             pytest.fail("gdb is needed to kill the batching worker from outside (apt-get install gdb)")
         pytest.skip("gdb is not installed: nothing can kill the batching worker from outside")
-    srv, url = _serve(world, tmp_path / "dying.log")
-    with srv:
-        srv.wait_http(f"{url}/ready", timeout=300)
-        assert _post(url, _chat(world["images"][0])).status_code == 200
-        # Raise SystemExit inside the worker thread of the running server, as a fatal error would.
-        code = json.dumps(GDB_RAISE_IN_WORKER)
-        proc = subprocess.run([gdb, "-p", str(srv.proc.pid), "-batch", "-ex", "call (int)PyGILState_Ensure()",
-                               "-ex", f"call (int)PyRun_SimpleString({code})", "-ex", "call (void)PyGILState_Release($1)"],
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        statuses = []
-        deadline = time.monotonic() + 30
-        while srv.alive() and time.monotonic() < deadline:
-            try:
-                statuses.append(requests.get(f"{url}/ready", timeout=2).status_code)
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.05)
-        srv.proc.wait(timeout=60)
-        assert 503 in statuses, (statuses, srv.tail())
-        assert srv.proc.returncode not in (0, None), srv.fail_message("exited 0 after its worker died")
-        assert "the batching worker died (SystemExit" in srv.tail(20000)
+    url, srv = server
+    assert _post(url, _chat(world["images"][0])).status_code == 200
+    # Raise SystemExit inside the worker thread of the running server, as a fatal error would.
+    code = json.dumps(GDB_RAISE_IN_WORKER)
+    proc = subprocess.run([gdb, "-p", str(srv.proc.pid), "-batch", "-ex", "call (int)PyGILState_Ensure()",
+                           "-ex", f"call (int)PyRun_SimpleString({code})", "-ex", "call (void)PyGILState_Release($1)"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    statuses = []
+    deadline = time.monotonic() + 30
+    while srv.alive() and time.monotonic() < deadline:
+        try:
+            statuses.append(requests.get(f"{url}/ready", timeout=2).status_code)
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    srv.proc.wait(timeout=60)
+    assert 503 in statuses, (statuses, srv.tail())
+    assert srv.proc.returncode not in (0, None), srv.fail_message("exited 0 after its worker died")
+    assert "the batching worker died (SystemExit" in srv.tail(20000)
