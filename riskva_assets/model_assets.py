@@ -14,7 +14,7 @@ from .asset_metadata import CODE_VERSIONS, MODEL, json_or_none
 from .partitions import dataset_version
 from .launch_resources import TrainingFailed
 from .resources import REPO_ROOT, DataRootResource, TrainingLauncher
-from .resume import (LINEAGE_FILE, STOPPED_FILE, adapter_version, config_files_digest, finished_run_record,
+from riskva_core.launch.resume import (LINEAGE_FILE, STOPPED_FILE, adapter_version, config_files_digest, finished_run_record,
                      identity_sha256, launcher_config_files, lineage_differences, mark_complete,
                      newest_superseded_lineage, plan_resume, read_lineage, run_identity, with_resume, write_lineage)
 

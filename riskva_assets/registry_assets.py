@@ -18,7 +18,7 @@ from .asset_metadata import CODE_VERSIONS, REGISTRY, confusion_table, json_or_no
 from .model_assets import lineage_problem
 from .partitions import dataset_version
 from .resources import DataRootResource, MlflowResource
-from .resume import lineage_tags
+from riskva_core.launch.resume import lineage_tags
 
 # Run tag (set when the MLflow run starts, before the version exists) naming the merged model's content
 # hash: a retry or re-execution finds the version already logged for the same content and reuses it.

@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
+from riskva_core.train.checkpoint import any_rank
+
 # Exit status of a run stopped after its checkpoint: not a success for Dagster. Rank 0 also writes
 # OUTPUT_DIR/stopped.json, which is how lora_adapter tells a stop (preemption: retried and resumed)
 # from a crash (failed) whatever exit status the launcher makes of it.
@@ -72,20 +74,6 @@ class Stopped(Exception):
     def __init__(self, step: int):
         super().__init__(f"stopped after checkpoint-{step}")
         self.step = step
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is True on any rank (a no-op in a single process)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 class StopWhenRequested(TrainerCallback):

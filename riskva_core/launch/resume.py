@@ -1,5 +1,5 @@
-"""Resume identity and the finished run's lineage record, free of Dagster (riskva_assets/resume.py
-wraps it for the ``lora_adapter`` asset).
+"""Resume identity and the finished run's lineage record, free of Dagster (the ``lora_adapter``,
+``merged_model`` and ``registered_model`` assets call it).
 
 A retry or re-execution of a training run should continue from its own newest checkpoint instead
 of starting at step 0, but must never continue from a checkpoint of other data, another training
@@ -48,7 +48,7 @@ from riskva_core.errors import RiskvaError
 
 IDENTITY_FILE = "run_identity.json"
 COMPLETE_FILE = "run_complete.json"
-STOPPED_FILE = "stopped.json"  # riskva_assets.pipes_train: stopped by a signal after its checkpoint
+STOPPED_FILE = "stopped.json"  # riskva_core.launch.rank: stopped by a signal after its checkpoint
 LINEAGE_FILE = "lineage.json"  # in adapter/: the finished run's record of what produced these weights
 SUPERSEDED_DIR = "superseded"
 RESULT_DIRS = ("adapter", "model")  # a run's result: LoRA adapter, or full fine-tune (train/outputs.py)

@@ -175,14 +175,13 @@ def _names(names: list[str]) -> str:
 
 def _figures(verdict: dict, report: dict) -> str:
     """The gate's numbers in words: the worst logit against its tolerance, and the greedy answers."""
-    name, tol = report["dtype"], verdict["tolerance_abs"]
+    name, tol = report["dtype"], verdict["worst_tolerance_abs"]
     basis = (f"{NOISE_FACTOR:g} x the base's own {name}-vs-{report['noise_reference']} difference, "
              f"{verdict['noise_relative']:.3g} of its logit scale, at base+adapter's scale there"
              if verdict["noise_factor"] else "--tolerance")
-    decisive = verdict["answers_decisive"]
+    decisive, samples = verdict["answers_decisive"], report["verify_input"]["samples"]
     answers = (f"greedy answers agree at {verdict['answers_agree']} of {verdict['answer_positions']} answer tokens "
-               f"({report['verify_input']['samples']} sample{'s' if report['verify_input']['samples'] > 1 else ''} x up "
-               f"to {report['verify_input']['answer_tokens_max']})")
+               f"({samples} sample{'s' if samples > 1 else ''} x up to {report['verify_input']['answer_tokens_max']})")
     if verdict["verdict"] in ("equivalent", "unverifiable") and decisive:
         answers += (f", none differs at the {decisive} decisive ones (a rate above "
                     f"{verdict['answer_disagreement_bound_95']:.1%} would have shown, 95 %)")
@@ -217,8 +216,8 @@ def verdict_line(verdict: dict, report: dict) -> str:
     """The report's one-line account of the verdict (merge_report.json ``verdict_reason``)."""
     if verdict["verdict"] == "unverifiable":
         return (f"unverifiable: {_effect(verdict)}, not more than {verdict['verifiable_factor']:g}, so a merge that "
-                f"lost it would pass this gate too; the merged model is within the tolerance ({_figures(verdict, report)})"
-                "; evaluation is the judge of this version")
+                f"lost it would pass this gate too; the merged model is within the tolerance "
+                f"({_figures(verdict, report)}); evaluation is the judge of this version")
     return (f"equivalent: {_figures(verdict, report)}; {_effect(verdict)}, more than "
             f"{verdict['verifiable_factor']:g}, so a merge that lost it would have been refused")
 

@@ -305,8 +305,8 @@ def _rms(x):
 
 def judge(passes: dict[str, Any], merged, dtype, tolerance: float | None = None) -> dict[str, Any]:
     """The gate's figures and verdict (see the module docstring). ``passes``: reference_logits';
-    ``merged``: the merged model's logits; all [positions, vocab] float32. ``tolerance``: an
-    absolute one for every logit instead of the measured one."""
+    ``merged``: the merged model's logits; all [positions, vocab], compared in float32 (or
+    wider). ``tolerance``: an absolute one for every logit instead of the measured one."""
     import torch
 
     ref, off, effect, merged = passes["ref"].float(), passes["off"].float(), passes["effect"], merged.float()
@@ -362,8 +362,9 @@ def judge(passes: dict[str, Any], merged, dtype, tolerance: float | None = None)
         "logit_scale": float(_rms(ref).max()),
         "logit_diff_ratio": diff_ratio,
         "max_abs_logit_diff": float(diff.max()),
-        "worst_abs_logit_diff": float(diff.flatten()[worst]),
-        "tolerance_abs": float(tol.flatten()[worst]),
+        "worst_abs_logit_diff": float(diff.flatten()[worst]),  # at the logit closest to failing,
+        "worst_tolerance_abs": float(tol.flatten()[worst]),  # and its tolerance
+        "tolerance_abs": float(tol.max()),  # the widest: every logit within its own implies max diff <= this
         "worst_position": worst // ref.shape[-1],
         "adapter_effect_ratio": effect_ratio,
         "adapter_effect_abs_logit_diff": float(effect.max()),

@@ -49,7 +49,8 @@ ONLY_DEFAULT: dict[str, tuple] = {
     "web_search_options": (None,), "store": (None, False)}
 WHY = {"n": "every choice would be the same photo's report; send n=1",
        "stream": "answers are sent whole", "stream_options": "answers are sent whole",
-       "logprobs": "token log-probabilities are not returned", "top_logprobs": "token log-probabilities are not returned",
+       "logprobs": "token log-probabilities are not returned",
+       "top_logprobs": "token log-probabilities are not returned",
        "store": "nothing is stored"}
 DECODING = ("max_completion_tokens", "max_tokens", "temperature", "top_p", "seed", "stop")
 KNOWN = ("messages", "model", *DECODING, *HARMLESS, *ONLY_DEFAULT)

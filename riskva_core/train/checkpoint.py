@@ -48,7 +48,7 @@ def resolve_resume(value: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def _any_rank(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is True on any rank (a no-op in a single process)."""
     import torch
     import torch.distributed as dist
@@ -87,7 +87,7 @@ class StopOnSignal(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         # Collective: a signal seen on any rank stops all ranks at this same step.
-        if _any_rank(self.requested):
+        if any_rank(self.requested):
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True

@@ -152,7 +152,7 @@ def test_registering_twice_makes_one_model_version(tmp_path: Path):
     from model_fixtures import make_parquet_twin, make_prepared_dataset, make_tiny_model
 
     from riskva_assets.asset_metadata import CODE_VERSIONS
-    from riskva_assets.resume import lineage_tags
+    from riskva_core.launch.resume import lineage_tags
     from riskva_core.paths import DataRoot
     from riskva_core.registry.client import Registry
 

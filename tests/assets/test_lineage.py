@@ -41,7 +41,7 @@ def test_a_failed_retrain_leaves_nothing_to_register_and_tags_come_from_the_adap
 
     from riskva_assets import asset_metadata
     from riskva_assets.definitions import defs
-    from riskva_assets.resume import LINEAGE_FILE, SUPERSEDED_DIR, adapter_version, lineage_tags, read_lineage
+    from riskva_core.launch.resume import LINEAGE_FILE, SUPERSEDED_DIR, adapter_version, lineage_tags, read_lineage
     from riskva_core.paths import DataRoot
     from riskva_core.registry.client import Registry
 

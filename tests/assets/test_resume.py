@@ -14,7 +14,7 @@ import psutil
 import pytest
 from model_fixtures import make_hf_cache_snapshot, make_prepared_dataset, make_tiny_model
 
-from riskva_assets.resume import (COMPLETE_FILE, IDENTITY_FILE, LINEAGE_FILE, SUPERSEDED_DIR, config_files_digest,
+from riskva_core.launch.resume import (COMPLETE_FILE, IDENTITY_FILE, LINEAGE_FILE, SUPERSEDED_DIR, config_files_digest,
                                   finished_run_record, launcher_config_files, mark_complete, plan_resume,
                                   run_identity, with_resume, write_lineage)
 

@@ -149,13 +149,17 @@ def merged(hub, zero2):
 
 def test_merges_by_hub_id_in_bf16_with_default_flags_judged_by_its_outputs(merged):
     """Two steps at lr 1e-4: every layer's update is below bf16's spacing (a warning), but the
-    merged model answers like base + adapter within bf16's own noise: merged."""
+    merged model answers like base + adapter within bf16's own noise: merged. Whether the gate can
+    tell that from a lost update depends on the adapter's effect: within 2 tolerances the verdict
+    is unverifiable (saved, warned, evaluation judges), never equivalent."""
     from safetensors import safe_open
 
     out, stdout, stderr = merged
     assert "bfloat16" in stdout
     report = json.loads((out / "merge_report.json").read_text())
-    assert report["base_model_path"] == HUB_ID and report["dtype"] == "bfloat16" and report["equivalent"]
+    assert report["base_model_path"] == HUB_ID and report["dtype"] == "bfloat16"
+    assert report["verdict"] == ("equivalent" if report["adapter_effect_ratio"] > 2 else "unverifiable")
+    assert report["verdict"] == "equivalent" or "warning: unverifiable: " in stderr
     assert report["max_abs_logit_diff"] <= report["tolerance_abs"] and report["answers_disagree"] == 0
     assert report["verify_input"]["images"].endswith("split test, first 2")  # the held-out samples
     assert report["lora_layers"] == 7 and report["peak_rss_gb"] > 0

@@ -109,6 +109,20 @@ def test_base64_jpeg_returns_the_four_fields_and_raw_text(server, registered):
     assert [p["raw_output"] for p in preds] == local["raw_output"].tolist()
 
 
+def test_decoding_params_reach_the_pyfunc_through_invocations(server, registered):
+    """MLflow inference params (the signature's ParamSchema): the same decoding fields as the OpenAI API."""
+    url, _ = server
+    _, _, _, images = registered
+    full = _post(url, request_payload(images[:1])).json()["predictions"][0]
+    cut = _post(url, {**request_payload(images[:1]), "params": {"max_new_tokens": 3}})
+    assert cut.status_code == 200, cut.text
+    row = cut.json()["predictions"][0]
+    assert row["completion_tokens"] <= 3 and full["raw_output"].startswith(row["raw_output"])
+    assert row["finish_reason"] == ("length" if row["completion_tokens"] == 3 else "stop")
+    bad = _post(url, {**request_payload(images[:1]), "params": {"temperature": 5.0}})
+    assert bad.status_code == 400 and "temperature must be 0..2" in bad.json()["message"], bad.text
+
+
 def test_inputs_spelling_gives_the_same_answer(server, registered):
     """MLflow's other JSON spelling, ``{"inputs": {"image": [b64]}}``: it reaches the pyfunc as
     numpy bytes holding the base64 text (not decoded), which the pyfunc must decode itself."""
