@@ -53,7 +53,7 @@ TRAIN_FLAGS += [] if torch.cuda.is_available() else ["--use_cpu"]
 ZERO2_FLAGS = ["--max_steps", "2", "--save_steps", "2"]
 
 
-def _run(name: str, cmd: list[str], env: dict, tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def _run(name: str, cmd: list[str], env: dict, tmp: Path, timeout: int = 840) -> subprocess.CompletedProcess:
     rss = tmp / f"rss-{name}"
     proc = subprocess.run([sys.executable, "-c", WRAP, str(rss), *cmd], env=env, capture_output=True, text=True,
                           timeout=timeout)
