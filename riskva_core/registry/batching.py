@@ -91,7 +91,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._batch_seconds = 1.0  # running estimate of one batch's duration, for Retry-After
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="riskva-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._work, name="riskva-batcher", daemon=True)
 
     def start(self) -> "Batcher":
         self._thread.start()
@@ -163,7 +163,7 @@ class Batcher:
                 self._cond.wait(timeout=left)  # woken by each new request
             return batch
 
-    def _run(self) -> None:
+    def _work(self) -> None:
         try:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - the worker is gone: say so to everyone waiting

@@ -252,7 +252,7 @@ class RiskvaModel(mlflow.pyfunc.PythonModel):
                       read=_reader(d, errors.get(i))) for i, d in enumerate(data)]
         try:
             with self._lock:
-                records = self._run(decoding, items, run_items)
+                records = self._generate(decoding, items, run_items)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -265,7 +265,7 @@ class RiskvaModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame([record_row(finish(r, decoding.stop, cap)) for r in records],
                             columns=[*OUTPUT_COLUMNS, *USAGE_COLUMNS, FINISH_COLUMN])
 
-    def _run(self, decoding: Any, items: list, run_items: Any) -> list[dict[str, Any]]:
+    def _generate(self, decoding: Any, items: list, run_items: Any) -> list[dict[str, Any]]:
         """run_items with this call's decoding. The generator reads its ``generation_config`` and
         ``seed`` at each generate; the caller holds ``self._lock``, so setting them for this call
         and restoring them after cannot leak into another call."""
