@@ -71,8 +71,12 @@ netns:
 	  else echo "the Ray test needs iproute2 and root: sudo apt-get install -y iproute2"; \
 	    $(call missing,iproute2,the two-node Ray test); fi; }
 
+# One pytest-xdist worker per core (at most 4: a real-width module peaks near 8 GB), each taking a
+# whole module at a time (module fixtures are built once), longest modules first (tests/conftest.py).
+# `.venv/bin/pytest tests/x.py` alone runs in one process as usual.
+PYTEST_WORKERS ?= auto
 test: install browser postgres netns
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 demo: install
 	$(PY) -m riskva_assets.demo

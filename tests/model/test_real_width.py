@@ -26,7 +26,10 @@ import dagster as dg
 import pytest
 import torch
 
+from servers import free_port
 from model_fixtures import make_prepared_dataset
+from rank_callbacks import SITE_DIR
+from rank_site.sitecustomize import FP32_GEMM_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -74,8 +77,11 @@ def hub(tmp_path_factory):
     cache = root / "hf"
     repo = cache / ("models--" + HUB_ID.replace("/", "--"))
     snapshot = repo / "snapshots" / REVISION
+    # FP32_GEMM: this CPU has no bf16 GEMM (tests/rank_site/fp32_gemm.py); the products are done in float32
+    # and rounded once, as PyTorch's own fallback does, ~30x faster. Nothing else about bf16 changes.
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+               PYTHONPATH=os.pathsep.join([str(SITE_DIR), str(REPO)]), TOKENIZERS_PARALLELISM="false",
+               **{FP32_GEMM_ENV: "1"})
     env.pop("HF_HOME", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     _run("tiny-model", [str(BIN / "riskva"), "tiny-model", "--size", "real-width", "--dataset_path", str(data),
@@ -100,7 +106,7 @@ def zero2(hub):
     root, data, env, _ = hub
     out = root / "zero2"
     proc = _run("train-zero2", _launch(REPO / "configs/deepspeed_zero2.yaml", HUB_ID, data, out,
-                                       29400 + os.getpid() % 500, ZERO2_FLAGS), env, root)
+                                       free_port(), ZERO2_FLAGS), env, root)
     return out / "adapter", proc.stderr
 
 
@@ -199,7 +205,7 @@ def test_zero3_partitions_every_parameter_and_the_seed_line_trains_at_the_7b_rec
     (tmp_path / "accelerate.yaml").write_text(yaml)
     out = root / "zero3"
     proc = _run("train-zero3", _launch(tmp_path / "accelerate.yaml", HUB_ID, data, out,
-                                       29900 + os.getpid() % 500), env, root)
+                                       free_port()), env, root)
     args = json.loads((out / "adapter" / "training_args.json").read_text())
     assert args["recipe"] == "lora" and args["learning_rate"] == 1e-4 and "warning: LoRA" not in proc.stderr
     assert "world size 2 (DeepSpeed ZeRO-3)" in proc.stderr

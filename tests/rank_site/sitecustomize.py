@@ -11,6 +11,8 @@ starts from) when that module is first imported; with neither variable set this 
   step) or it is killed, so a cancel, a preemption or a SIGKILL lands mid-run at a known step.
 - RISKVA_TESTS_PARAM_DIGEST=1: when training ends each rank writes OUT/debug/rankR.json with its world
   size and a sha256 over its trainable parameters (ranks in sync; an adapter reloads exactly).
+- RISKVA_TESTS_FP32_GEMM=1: bf16 matrix products on the CPU go through the float32 GEMM and are
+  rounded once (fp32_gemm.py says why: this CPU's bf16 fallback runs at ~0.1 GFLOP/s).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import sys
 
 PAUSE_ENV = "RISKVA_TESTS_PAUSE_AFTER_STEP"
 DIGEST_ENV = "RISKVA_TESTS_PARAM_DIGEST"
+FP32_GEMM_ENV = "RISKVA_TESTS_FP32_GEMM"
 
 
 def params_digest(model) -> str:
@@ -105,3 +108,28 @@ class _AddCallbacks(importlib.abc.MetaPathFinder):
 
 if os.environ.get(PAUSE_ENV) or os.environ.get(DIGEST_ENV):
     sys.meta_path.insert(0, _AddCallbacks())
+
+
+class _Fp32Gemm(importlib.abc.MetaPathFinder):
+    """Installs fp32_gemm's kernels right after torch loads (not before: importing torch here would
+    slow every interpreter that carries this folder, and most never use torch)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            from fp32_gemm import install
+
+            install()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get(FP32_GEMM_ENV) == "1":
+    sys.meta_path.insert(0, _Fp32Gemm())

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from servers import free_port
 from model_fixtures import make_prepared_dataset, make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,7 @@ def _launch(config: str, n: int, args: list[str], *launch_extra: str, timeout: i
     checkpoint the upstream way (full state-dict gather) into that folder, for comparison."""
     entry = [str(TWIN)] if upstream_saves else ["-m", "riskva_core.train"]
     cmd = [str(ACCELERATE), "launch", "--config_file", str(REPO / config), "--num_processes", str(n),
-           "--main_process_port", str(29700 + os.getpid() % 200 + n), *launch_extra, *entry, *args]
+           "--main_process_port", str(free_port()), *launch_extra, *entry, *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     if upstream_saves:
         env["RISKVA_UPSTREAM_SAVES"] = str(upstream_saves)

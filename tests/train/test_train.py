@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from servers import free_port
 from model_fixtures import make_prepared_dataset, make_tiny_model
 from rank_callbacks import params_digest, paused_marker, rank_env
 from riskva_core.data.samples import read_samples
@@ -58,7 +59,7 @@ def _env(**extra) -> dict:
 
 def _launch(num_processes: int, args: list[str], **extra) -> list[str]:
     return [str(ACCELERATE), "launch", "--config_file", str(REPO / "configs/deepspeed_zero2.yaml"),
-            "--num_processes", str(num_processes), "--main_process_port", str(29500 + os.getpid() % 1000 + num_processes),
+            "--num_processes", str(num_processes), "--main_process_port", str(free_port()),
             "-m", "riskva_core.train", *args]
 
 
