@@ -42,6 +42,14 @@ def _hermetic_data_root(tmp_path_factory):
             os.environ[key] = value
 
 
+# Under pytest-xdist the workers already fill the cores, so each worker and what it starts (servers,
+# ranks, CLI commands) computes on one thread: two-thread OpenMP regions in two workers at once on two
+# cores spin at their barriers while the other worker holds the core (the first xdist run used 33 %
+# more CPU than the serial one for the same tests). A value the caller set is kept.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 # `make test` runs the suite on one pytest-xdist worker per core, a whole module per worker
 # (--dist loadfile, so module fixtures are built once) and modules in collection order
 # (--no-loadscope-reorder). The longest modules go first, so that the workers finish together
