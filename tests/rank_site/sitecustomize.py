@@ -88,11 +88,15 @@ def _callbacks() -> list:
     return out
 
 
-class _AddCallbacks(importlib.abc.MetaPathFinder):
-    """Finds transformers.trainer as usual, and extends DEFAULT_CALLBACKS right after it loads."""
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds module ``name`` as usual and calls ``then(module)`` right after it loads (not before:
+    importing transformers or torch here would slow every interpreter that carries this folder)."""
+
+    def __init__(self, name: str, then):
+        self.name, self.then = name, then
 
     def find_spec(self, name, path, target=None):
-        if name != "transformers.trainer":
+        if name != self.name:
             return None
         sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(name, path)
@@ -100,36 +104,19 @@ class _AddCallbacks(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            module.DEFAULT_CALLBACKS.extend(_callbacks())
+            self.then(module)
 
         spec.loader.exec_module = exec_module
         return spec
+
+
+def _install_fp32_gemm(torch_module) -> None:
+    from fp32_gemm import install
+
+    install()
 
 
 if os.environ.get(PAUSE_ENV) or os.environ.get(DIGEST_ENV):
-    sys.meta_path.insert(0, _AddCallbacks())
-
-
-class _Fp32Gemm(importlib.abc.MetaPathFinder):
-    """Installs fp32_gemm's kernels right after torch loads (not before: importing torch here would
-    slow every interpreter that carries this folder, and most never use torch)."""
-
-    def find_spec(self, name, path, target=None):
-        if name != "torch":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        load = spec.loader.exec_module
-
-        def exec_module(module):
-            load(module)
-            from fp32_gemm import install
-
-            install()
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
+    sys.meta_path.insert(0, _AfterImport("transformers.trainer", lambda m: m.DEFAULT_CALLBACKS.extend(_callbacks())))
 if os.environ.get(FP32_GEMM_ENV) == "1":
-    sys.meta_path.insert(0, _Fp32Gemm())
+    sys.meta_path.insert(0, _AfterImport("torch", _install_fp32_gemm))
