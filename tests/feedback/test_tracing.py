@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+import time
+
+import mlflow
+
+from feedback_fixtures import DAY1_NS, answer, closed_port, mlflow_env, traced_store  # noqa: F401 (fixtures)
+from riskva_core.feedback.tracing import (TAG_SOURCE, TAG_VERSION, FieldTracer, TracingConfig, find_photo,
+                                          photo_extension, store_photo)
+
+
+def test_a_down_store_costs_the_request_nothing_and_counts_a_gap(tmp_path):
+    seen: list[str] = []
+    config = TracingConfig(tracking_uri=f"http://127.0.0.1:{closed_port()}", photo_dir=tmp_path / "photos",
+                           probe_timeout_s=1.0, retry_after_s=60.0)
+    tracer = FieldTracer(config, on_gap=seen.append)
+    try:
+        started = time.monotonic()
+        tracer.record(answer(0))
+        tracer.record(answer(1))
+        assert time.monotonic() - started < 0.05  # the request thread only queues
+        assert tracer.flush(10)
+        assert tracer.gaps()["store_down"] == 2 and seen == ["store_down", "store_down"]
+        assert tracer.written == 0
+        # the photo is kept even when the store is down: the trace is lost, the field photo is not
+        sha = hashlib.sha256(answer(0).photo).hexdigest()
+        assert find_photo(tmp_path / "photos", sha).read_bytes() == answer(0).photo
+    finally:
+        tracer.close(5)
+
+
+class _SlowHealth(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        time.sleep(0.5)  # keeps the writer busy while the requests keep coming
+        self.send_response(500)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_writer_that_falls_behind_drops_traces_instead_of_waiting(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHealth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    tracer = FieldTracer(TracingConfig(tracking_uri=f"http://127.0.0.1:{server.server_address[1]}",
+                                       photo_dir=None, queue_size=1, probe_timeout_s=5.0))
+    try:
+        started = time.monotonic()
+        for i in range(5):
+            tracer.record(answer(i))
+        assert time.monotonic() - started < 0.2
+        assert tracer.flush(15)
+        gaps = tracer.gaps()
+        assert gaps["queue_full"] >= 3 and gaps["store_down"] >= 1
+        assert gaps["queue_full"] + gaps["store_down"] == 5
+    finally:
+        tracer.close(5)
+        server.shutdown()
+
+
+def test_traces_reach_a_real_store_and_are_found_by_tag(traced_store):
+    tracer = traced_store.tracer
+    assert tracer.written == len(traced_store.answers) and sum(tracer.gaps().values()) == 0
+    experiment = mlflow.MlflowClient(traced_store.tracking_uri).get_experiment_by_name("riskva-field")
+    traces = mlflow.search_traces(locations=[experiment.experiment_id], return_type="list",
+                                  filter_string=f"tags.`{TAG_SOURCE}` = 'serve' AND tags.`{TAG_VERSION}` = '2'")
+    assert len(traces) == 3
+    by_photo = {t.info.tags["riskva.photo_sha256"]: t for t in traces}
+    first = answer(1, version="2", level="严重", confidence=0.4)
+    trace = by_photo[hashlib.sha256(first.photo).hexdigest()]
+    # the trace is the request's own time and latency, not the writer's
+    assert trace.info.timestamp_ms == first.started_ns // 10**6
+    assert trace.info.execution_duration == round(first.latency_s * 1000)
+    span = trace.data.spans[0]
+    assert span.outputs["风险等级"] == "严重" and span.outputs["parse_ok"] is True
+    assert abs(span.outputs["level_confidence"] - 0.4) < 1e-9
+    assert span.inputs["photo_stored"] is True and "photo" not in span.inputs  # the photo is never in the trace
+    assert trace.info.tags["riskva.model_alias"] == "champion" and trace.info.tags["riskva.level"] == "严重"
+
+
+def test_photo_retention_off_keeps_only_the_hash(tmp_path, mlflow_env):
+    config = TracingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", photo_dir=None,
+                           artifact_root=str(tmp_path / "artifacts"))
+    tracer = FieldTracer(config)
+    try:
+        tracer.record(answer(0))
+        assert tracer.flush(120) and tracer.written == 1
+    finally:
+        tracer.close(5)
+    assert not list(tmp_path.rglob("*.jpg"))
+    experiment = mlflow.MlflowClient(config.tracking_uri).get_experiment_by_name("riskva-field")
+    (trace,) = mlflow.search_traces(locations=[experiment.experiment_id], return_type="list")
+    assert trace.data.spans[0].inputs["photo_stored"] is False
+    assert trace.info.tags["riskva.photo_sha256"] == hashlib.sha256(answer(0).photo).hexdigest()
+
+
+def test_a_photo_is_stored_once_under_its_hash(tmp_path):
+    data = answer(3).photo
+    first = store_photo(tmp_path, data)
+    mtime = first.stat().st_mtime_ns
+    assert store_photo(tmp_path, data) == first and first.stat().st_mtime_ns == mtime
+    assert first.name == hashlib.sha256(data).hexdigest() + ".jpg" and photo_extension(b"\x89PNG....") == "png"
+    assert find_photo(tmp_path, "0" * 64) is None
+
+
+def test_config_from_env_honours_the_switches(tmp_path, monkeypatch):
+    from riskva_core.paths import DataRoot
+
+    root = DataRoot(tmp_path)
+    monkeypatch.delenv("RISKVA_MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = TracingConfig.from_env(root)
+    assert config.photo_dir == root.field_photos and config.tracking_uri == root.mlflow_tracking_uri
+    monkeypatch.setenv("RISKVA_RETAIN_FIELD_PHOTOS", "0")
+    assert TracingConfig.from_env(root).photo_dir is None
+    monkeypatch.setenv("RISKVA_TRACE_REQUESTS", "off")
+    assert TracingConfig.from_env(root) is None
