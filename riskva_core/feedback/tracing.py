@@ -1,7 +1,9 @@
 """One MLflow trace per served request, written off the request path; the photo stored once by hash.
 
 What a trace holds (MLflow 3 tracing, one root span ``riskva.answer`` whose start and end are the
-request's own, so the trace's timestamp is when the request came in and its duration the latency):
+request's own, so the trace's timestamp is when the request came in and its duration the latency;
+``mlflow.start_span_no_context`` rather than ``mlflow.start_span``/``@mlflow.trace``, because the span
+is written later, on another thread, with the request's own start and end times):
 
 - tags (searchable with ``mlflow.search_traces(filter_string="tags.`riskva.source` = 'serve'")``):
   ``riskva.source`` = ``serve``, ``riskva.photo_sha256``, ``riskva.model_name``,
@@ -123,6 +125,18 @@ class ServedAnswer:
     level_confidence: float | None = None
     raw_output: str = ""
     api: str = ""  # "openai" or "mlflow"
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], photo: bytes, *, model_name: str, model_version: str,
+                 alias: str | None, started_ns: int, latency_s: float, api: str) -> "ServedAnswer":
+        """An output row of the pyfunc (``schema.OUTPUT_COLUMNS``, plus ``level_confidence`` when the
+        model reports one) for the photo it answered."""
+        confidence = row.get("level_confidence")
+        return cls(photo=photo, model_name=model_name, model_version=str(model_version), alias=alias,
+                   started_ns=int(started_ns), latency_s=float(latency_s),
+                   fields={f: str(row.get(f) or "") for f in FIELDS}, parse_ok=bool(row.get("parse_ok")),
+                   level_confidence=None if confidence is None or confidence != confidence else float(confidence),
+                   raw_output=str(row.get("raw_output") or ""), api=api)
 
 
 def photo_extension(data: bytes) -> str:
