@@ -1,7 +1,8 @@
 """The loop from the field back to training, Dagster-free (issue 28).
 
-- tracing: one MLflow trace per served request; photos stored once under their hash;
-- confidence: the 风险等级 confidence from the model's own token probabilities;
+- (the serving side lives where the servers are: registry/tracing.py writes one MLflow trace per
+  served request and stores each photo once under its hash; evaluate/confidence.py reads the
+  风险等级 confidence from the model's own token probabilities. Stages may not import feedback.)
 - inference_log: a day's traces as a Parquet table;
 - drift: a day's photos and answers against the champion's test split (named two-sample tests);
 - review_queue: which field photos an inspector sees first (hard cases plus a seeded random share);

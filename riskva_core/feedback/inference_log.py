@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from riskva_core import atomic
 from riskva_core.errors import RiskvaError
-from riskva_core.feedback.tracing import (ATTR_LATENCY, FIELD_EXPERIMENT, SOURCE_SERVE, TAG_ALIAS, TAG_API,
+from riskva_core.registry.tracing import (ATTR_LATENCY, FIELD_EXPERIMENT, SOURCE_SERVE, TAG_ALIAS, TAG_API,
                                           TAG_MODEL, TAG_PARSE_OK, TAG_PHOTO, TAG_SOURCE, TAG_VERSION, find_photo)
 from riskva_core.schema import FIELDS
 

@@ -35,7 +35,7 @@ from riskva_core.data.images import ImagePathError, resolve_image_path
 from riskva_core.data.raw_csv import read_raw_csv
 from riskva_core.errors import RiskvaError
 from riskva_core.feedback.reviews import Review
-from riskva_core.feedback.tracing import photo_extension
+from riskva_core.registry.tracing import photo_extension
 from riskva_core.paths import DATASET_CSV
 from riskva_core.schema import CSV_COLUMNS, FIELD_LEVEL, FIELD_TO_COLUMN, FIELDS, LEVELS
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import image_bytes, textured_image
-from riskva_core.feedback.tracing import FieldTracer, ServedAnswer, TracingConfig
+from riskva_core.registry.tracing import FieldTracer, ServedAnswer, TracingConfig
 
 # 2025-03-04 10:00 UTC and the next day: the traces of two "days" in the store.
 DAY1_NS = 1_741_082_400 * 10**9

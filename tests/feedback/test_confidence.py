@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from riskva_core.feedback.confidence import level_confidence, level_token_ids
+from riskva_core.evaluate.confidence import level_confidence, level_token_ids
 
 LEVEL_IDS = {"轻微": [3, 4], "中等": [5], "严重": [6, 7]}
 KEY = [1, 2]
@@ -55,3 +55,21 @@ def test_level_token_ids_encode_each_level_without_special_tokens():
 
     ids = level_token_ids(Tokenizer())
     assert ids == {"轻微": [ord("轻"), ord("微")], "中等": [ord("中"), ord("等")], "严重": [ord("严"), ord("重")]}
+
+
+def test_the_logits_processor_keeps_four_columns_a_step_and_gives_the_same_confidence():
+    from riskva_core.evaluate.confidence import LevelScores
+
+    generated = [8, 6, 9, 1, 2, 6, 7, 0]
+    steps = torch.stack([logits_row({}) for _ in generated])
+    steps[5] = logits_row({3: 0.1, 5: 0.2, 6: 0.5})
+    scores = LevelScores(LEVEL_IDS)
+    for i in range(len(generated)):  # generate() calls it once per step with [batch, vocab] scores
+        row = steps[i][None].repeat(2, 1)
+        assert torch.equal(scores(torch.zeros(2, 1, dtype=torch.long), row), row)  # never changes them
+    assert torch.stack(scores.steps, dim=1).shape == (2, len(generated), 4)
+    new = torch.tensor([generated, [8, 8, 8, 8, 8, 8, 8, 8]])
+    got = scores.confidences(new, KEY)
+    assert math.isclose(got[0], 0.5 / 0.8, rel_tol=1e-4) and got[1] is None
+    scores.reset()
+    assert scores.confidences(new, KEY) == [None, None]

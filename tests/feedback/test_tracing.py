@@ -9,7 +9,7 @@ import time
 import mlflow
 
 from feedback_fixtures import DAY1_NS, answer, closed_port, mlflow_env, traced_store  # noqa: F401 (fixtures)
-from riskva_core.feedback.tracing import (TAG_SOURCE, TAG_VERSION, FieldTracer, ServedAnswer, TracingConfig,
+from riskva_core.registry.tracing import (TAG_SOURCE, TAG_VERSION, FieldTracer, ServedAnswer, TracingConfig,
                                           find_photo, photo_extension, store_photo)
 
 

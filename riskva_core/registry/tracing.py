@@ -369,3 +369,58 @@ class FieldTracer:
         span.end(outputs=outputs, end_time_ns=int(answer.started_ns) + round(answer.latency_s * 1e9))
         # MLflow hands out a no-op span (no trace id) when it could not start a trace at all.
         return bool(getattr(span, "trace_id", None)) and not str(span.trace_id).startswith("MLFLOW_NO_OP")
+
+
+def model_identity(model_uri: str, version: str | None = None, tracking_uri: str | None = None
+                   ) -> tuple[str, str, str | None]:
+    """(name, version, alias) of what a server serves, resolved once at load: ``models:/riskva@champion``
+    → the alias's version, ``models:/riskva/3`` → 3 with no alias, any other URI → its name as
+    ``riskva`` and version ``unknown``. A registry that does not answer leaves ``unknown`` (the
+    answer is still traced, and still served)."""
+    import re
+
+    match = re.match(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$", model_uri or "")
+    if match is None:
+        return "riskva", str(version or "unknown"), None
+    name, alias = match["name"], match["alias"]
+    if version is None and match["version"]:
+        version = match["version"]
+    if version is None and alias:
+        try:
+            from mlflow import MlflowClient
+
+            version = str(MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias(name, alias).version)
+        except Exception as exc:  # noqa: BLE001 - never stops a server from starting
+            log.warning("the version behind %s is unknown (%s: %s)", model_uri, type(exc).__name__, exc)
+    return name, str(version or "unknown"), alias
+
+
+def gap_counter(registry: Any) -> Any:
+    """``riskva_trace_gaps_total{reason}`` on a Prometheus registry, every reason at 0 from the start."""
+    from prometheus_client import Counter
+
+    counter = Counter("riskva_trace_gaps", "Served answers whose trace was not written", ["reason"],
+                      registry=registry)
+    for reason in GAP_REASONS:
+        counter.labels(reason=reason)
+    return counter
+
+
+def start_tracer(config: TracingConfig | None, counter: Any) -> FieldTracer | None:
+    """The process's tracer (None when tracing is off), its gaps counted on ``counter``."""
+    if config is None:
+        return None
+    return FieldTracer(config, on_gap=lambda reason: counter.labels(reason=reason).inc())
+
+
+def record_row(tracer: FieldTracer | None, row: Mapping[str, Any], photo: bytes, identity: tuple,
+               started_ns: int, latency_s: float, api: str) -> None:
+    """Queue one served row for tracing; never raises (a bad row is logged, the answer already went out)."""
+    if tracer is None:
+        return
+    try:
+        name, version, alias = identity
+        tracer.record(ServedAnswer.from_row(row, photo, model_name=name, model_version=version, alias=alias,
+                                            started_ns=started_ns, latency_s=latency_s, api=api))
+    except Exception:  # noqa: BLE001 - tracing never fails a request
+        log.exception("queueing a trace failed")
