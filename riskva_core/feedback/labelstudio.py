@@ -206,6 +206,21 @@ class LabelStudio:
                                 "use_blob_urls": True, "regex_filter": r".*\.(jpe?g|png|webp|bmp|gif|tiff?)$"})
         return int(data["id"])
 
+    def ensure_local_storage(self, project: int, folder: str | Path) -> int:
+        """The project's local storage for ``folder``, registered once (a second one would list twice)."""
+        path = str(Path(folder).resolve())
+        found = self._call("GET", "/api/storages/localfiles/", params={"project": project})
+        for storage in found if isinstance(found, list) else found.get("results", []):
+            if storage.get("path") == path:
+                return int(storage["id"])
+        return self.add_local_storage(project, folder)
+
+    def progress(self, project: int) -> dict[str, int]:
+        """How far the review is: tasks on the desk and tasks with at least one submitted annotation."""
+        data = self._call("GET", f"/api/projects/{project}/")
+        return {"tasks": int(data.get("task_number") or 0),
+                "reviewed": int(data.get("num_tasks_with_annotations") or 0)}
+
     def import_tasks(self, project: int, tasks: Sequence[Mapping[str, Any]]) -> int:
         data = self._call("POST", f"/api/projects/{project}/import", json=list(tasks))
         return int(data.get("task_count", len(tasks)))
