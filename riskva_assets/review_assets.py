@@ -32,8 +32,8 @@ class LabelStudioResource(dg.ConfigurableResource):
     set it from the environment (``dg.EnvVar``); it is never logged."""
 
     url: str = Field(default="http://127.0.0.1:8089", description="Label Studio's address ($LABEL_STUDIO_URL)")
-    api_key: str = Field(default="", description="API token ($LABEL_STUDIO_API_KEY): a legacy token or a personal "
-                         "access token")
+    api_key: str = Field(default="", repr=False, description="API token ($LABEL_STUDIO_API_KEY): a legacy token or "
+                         "a personal access token")
     document_root: str = Field(default="", description="The server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; empty: "
                                "the data root")
     project_title: str = Field(default=PROJECT_TITLE, description="The review project, created from code if absent")
