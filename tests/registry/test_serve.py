@@ -97,7 +97,7 @@ def test_base64_jpeg_returns_the_four_fields_and_raw_text(server, registered):
     assert len(preds) == 2
     for p in preds:
         assert set(p) == {*FIELDS, "raw_output", "parse_ok", "error", "prompt_tokens", "completion_tokens",
-                          "finish_reason"}
+                          "finish_reason", "level_confidence"}
         assert p["error"] == "" and p["prompt_tokens"] > 0 and 0 < p["completion_tokens"] <= MAX_NEW_TOKENS
         assert p["finish_reason"] == ("length" if p["completion_tokens"] == MAX_NEW_TOKENS else "stop")
         assert isinstance(p["raw_output"], str) and p["raw_output"]
