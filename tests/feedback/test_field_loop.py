@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -24,11 +23,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from model_fixtures import _image, make_prepared_dataset, make_tiny_model
-from PIL import Image, ImageEnhance
+from model_fixtures import make_prepared_dataset, make_tiny_model
+from PIL import ImageEnhance
 from servers import ServerProcess, free_port
 
-from conftest import build_raw_dataset, missing_requirement
+from conftest import build_raw_dataset, image_bytes, missing_requirement, textured_image
+from riskva_core.data.prepare import PrepareConfig, prepare
 from riskva_core.paths import DATASET_CSV, DataRoot
 from riskva_core.registry.client import Registry
 
@@ -38,7 +38,7 @@ RISKVA = str(Path(sys.executable).with_name("riskva"))
 # A throwaway desk on 127.0.0.1 for this test only; the real one's credentials come from the environment.
 DESK = {"LABEL_STUDIO_USERNAME": "inspector@riskva.test", "LABEL_STUDIO_PASSWORD": "riskva-test-desk",
         "LABEL_STUDIO_USER_TOKEN": "riskvatestdesk0000000000000000000000000a"}
-PHOTOS, ALTERED = 30, 12
+PHOTOS, ALTERED = 30, 18
 
 
 def _script():
@@ -73,13 +73,10 @@ def desk(home, tmp_path_factory):
 
 
 def _photo(i: int, altered: bool) -> bytes:
-    """A photo like the training data's (same generator, new indices), or altered: darker and larger."""
-    img = Image.open(io.BytesIO(_image(100 + i, i % 3, 64))).convert("RGB")
-    if altered:
-        img = ImageEnhance.Brightness(img.resize((160, 160))).enhance(0.3)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    """A photo like the dataset's (same generator and size, new indices), or altered: larger and darker."""
+    if not altered:
+        return image_bytes(textured_image(500 + i, (64, 64)), quality=90)
+    return image_bytes(ImageEnhance.Brightness(textured_image(500 + i, (160, 160))).enhance(0.3), quality=90)
 
 
 def _chat(data: bytes) -> dict:
@@ -109,10 +106,13 @@ def test_served_answers_come_back_as_a_reviewed_dataset_version(home, desk, tmp_
     from riskva_core.feedback.reviewed_dataset import PROVENANCE
 
     t0 = time.monotonic()
-    # The champion: a tiny model registered under the data root, tagged with the dataset it came from.
-    raw = build_raw_dataset(home / "datasets" / "v1", 8)
-    raw.csv_path.rename(home / "datasets" / "v1" / DATASET_CSV)
-    reference = make_prepared_dataset(tmp_path / "reference", n=60)  # 12 test photos to compare the field with
+    # The champion: a tiny model registered under the data root, tagged with the dataset version v1 whose
+    # prepared test split (24 photos) production_drift compares the field with.
+    root = DataRoot(home)
+    raw = build_raw_dataset(home / "datasets" / "v1", 80, image_size=(64, 64))
+    raw.csv_path.rename(root.dataset_csv("v1"))
+    prepare(PrepareConfig(csv_path=root.dataset_csv("v1"), image_base_path=root.dataset_dir("v1"),
+                          output_path=root.prepared_dir("v1", "parquet"), test_ratio=0.3, num_workers=1))
     model = make_tiny_model(tmp_path / "tiny", make_prepared_dataset(tmp_path / "ds", n=10))
     reg = Registry.under(DataRoot(home))
     rv = reg.log_model(model, example_image=_photo(0, False), model_config={"max_new_tokens": 16, "batch_size": 4})
@@ -140,8 +140,7 @@ def test_served_answers_come_back_as_a_reviewed_dataset_version(home, desk, tmp_
     resources = {"paths": paths, "mlflow": MlflowResource(paths=paths),
                  "labelstudio": LabelStudioResource(url=desk, api_key=DESK["LABEL_STUDIO_USER_TOKEN"],
                                                     document_root=str(home))}
-    config = {"ops": {"production_drift": {"config": {"reference_dir": str(reference)}},
-                      "review_queue": {"config": {"reference_dir": str(reference), "size": 12}}}}
+    config = {"ops": {"review_queue": {"config": {"size": 12}}}}
     with dg.instance_for_test() as instance:
         result = dg.materialize([inference_log, production_drift, review_queue, labelstudio_tasks],
                                 partition_key=today, instance=instance, resources=resources, run_config=config)
@@ -151,7 +150,8 @@ def test_served_answers_come_back_as_a_reviewed_dataset_version(home, desk, tmp_
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
         assert not checks["no_drift"].passed and checks["no_drift"].severity == dg.AssetCheckSeverity.WARN
         drift = result.asset_materializations_for_node("production_drift")[0].metadata
-        assert {"width", "brightness"} & set(drift["drifted"].value.split(", ")), drift["drifted"].value
+        assert {"width", "brightness"} <= set(drift["drifted"].value.split(", ")), drift["drifted"].value
+        assert drift["reference_dataset"].value == "v1"
         assert "data:image/png;base64," in drift["plots"].value
         queued = result.asset_materializations_for_node("review_queue")[0].metadata["dagster/row_count"].value
         assert 0 < queued <= 12
