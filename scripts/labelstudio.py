@@ -41,6 +41,8 @@ import urllib.request
 from pathlib import Path
 
 VERSION = "1.23.2"
+# sentry-sdk 3 (which label-studio does not cap) refuses the option Label Studio passes at start-up.
+REQUIREMENTS = (f"label-studio=={VERSION}", "sentry-sdk<3")
 DB_FILE = "label_studio.sqlite3"
 CREDENTIALS = "credentials.env"
 
@@ -60,16 +62,18 @@ def executable() -> Path:
 def install(quiet: bool = True) -> Path:
     """The cached venv with label-studio==VERSION (created when missing; a stamp marks it complete)."""
     venv, stamp = venv_dir(), venv_dir() / ".installed"
-    if stamp.is_file() and executable().is_file():
+    wanted = " ".join(REQUIREMENTS) + "\n"
+    if stamp.is_file() and executable().is_file() and stamp.read_text() == wanted:
         return executable()
-    if venv.exists():
-        shutil.rmtree(venv)  # a half-made venv from an interrupted install
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", *(["-q"] if quiet else [])]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, f"label-studio=={VERSION}"], check=True)
-    stamp.write_text(VERSION + "\n")
+    if not stamp.is_file():
+        if venv.exists():
+            shutil.rmtree(venv)  # a half-made venv from an interrupted install
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, *REQUIREMENTS], check=True)
+    stamp.write_text(wanted)
     return executable()
 
 
@@ -119,6 +123,8 @@ def server_env(data_dir: Path, document_root: Path, creds: dict[str, str]) -> di
     env.update({
         "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir), "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "COLLECT_ANALYTICS": "false", "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        # No error reports to Label Studio's Sentry (it is on by default): paths of field photos stay here.
+        "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
         "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),

@@ -228,7 +228,11 @@ class LabelStudio:
     def completed_tasks(self, project: int) -> list[dict[str, Any]]:
         """Tasks with at least one annotation, with their annotations and predictions (JSON export)."""
         data = self._call("GET", f"/api/projects/{project}/export", params={"exportType": "JSON"})
-        return [t for t in data if t.get("annotations")] if isinstance(data, list) else []
+        tasks = [t for t in data if t.get("annotations")] if isinstance(data, list) else []
+        for task in tasks:  # Label Studio 1.23's export lists predictions by id: fetch the drafts themselves
+            task["predictions"] = [self._call("GET", f"/api/predictions/{p}/") if isinstance(p, int) else p
+                                   for p in task.get("predictions") or []]
+        return tasks
 
 
 def _detail(resp: Any) -> str:
