@@ -24,8 +24,9 @@ endif
 PORT ?= 3000
 MLFLOW_PORT ?= 5000
 SERVE_PORT ?= 5001
+LABELSTUDIO_PORT ?= 8089
 
-.PHONY: install test demo ui mlflow-ui serve smoke bench browser postgres netns clean print-env gpu-check
+.PHONY: install test demo ui mlflow-ui serve smoke bench browser postgres netns labelstudio labelstudio-install clean print-env gpu-check
 
 install: $(STAMP)
 
@@ -71,11 +72,22 @@ netns:
 	  else echo "the Ray test needs iproute2 and root: sudo apt-get install -y iproute2"; \
 	    $(call missing,iproute2,the two-node Ray test); fi; }
 
+# Label Studio, the review desk (issue 28), in its own cached venv (~/.cache/riskva/labelstudio; its pins
+# clash with the project's): `make labelstudio` installs it once and runs it on 127.0.0.1 in the foreground,
+# SQLite under $(RISKVA_HOME)/labelstudio (Postgres: DJANGO_DB=default + POSTGRE_*). Credentials come from
+# LABEL_STUDIO_USERNAME/PASSWORD/USER_TOKEN, or are generated into $(RISKVA_HOME)/labelstudio/credentials.env.
+labelstudio-install:
+	@python3 scripts/labelstudio.py install || { $(call missing,label-studio,the closing-the-loop test); }
+
+labelstudio:
+	python3 scripts/labelstudio.py start --port $(LABELSTUDIO_PORT) --data-dir $(RISKVA_HOME)/labelstudio \
+	  --document-root $(RISKVA_HOME)
+
 # One pytest-xdist worker per core (at most 4: a real-width module peaks near 8 GB), each taking a
 # whole module at a time (module fixtures are built once), longest modules first (tests/conftest.py).
 # `.venv/bin/pytest tests/x.py` alone runs in one process as usual.
 PYTEST_WORKERS ?= auto
-test: install browser postgres netns
+test: install browser postgres netns labelstudio-install
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 demo: install

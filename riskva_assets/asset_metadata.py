@@ -20,7 +20,8 @@ from .resources import REPO_ROOT
 # cannot drift from the code. The Dagster layer (riskva_assets modules: metadata, resources,
 # lineage plumbing) is not hashed nor followed: it does not change what an asset produces.
 # What a function reaches other than by import:
-ASSET_MODULES = ("riskva_assets/data_assets.py", "riskva_assets/model_assets.py", "riskva_assets/registry_assets.py")
+ASSET_MODULES = ("riskva_assets/data_assets.py", "riskva_assets/model_assets.py", "riskva_assets/registry_assets.py",
+                 "riskva_assets/feedback_assets.py", "riskva_assets/review_assets.py")
 # lora_adapter: the training every rank runs (riskva_core/launch/rank.py calls it). The launch package
 # itself (how ranks are started, report and resume) does not change the weights and is not hashed.
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {"lora_adapter": ("riskva_core.train.sft",)}

@@ -13,6 +13,7 @@ import dagster as dg
 from .assets import ALL_ASSETS
 from .jobs import data_job, promote_job, retrain_job
 from .resources import DataRootResource, MlflowResource, TrainingLauncher
+from .review_assets import LabelStudioResource, daily_field, field_job, review_job, review_progress_sensor
 from .schedules import weekly_retrain
 from .sensors import new_dataset_sensor
 
@@ -43,13 +44,19 @@ def build_resources() -> dict:
             launcher=_env("RISKVA_TRAIN_LAUNCHER", "local"),
             ray_address=_env("RISKVA_RAY_ADDRESS", ""),
         ),
+        # The review desk (make labelstudio); the token is read from the environment, shown by name only.
+        "labelstudio": LabelStudioResource(
+            url=_env("LABEL_STUDIO_URL", "http://127.0.0.1:8089"),
+            api_key=_env("LABEL_STUDIO_API_KEY", ""),
+            document_root=_env("LABEL_STUDIO_DOCUMENT_ROOT", ""),
+        ),
     }
 
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
-    jobs=[data_job, retrain_job, promote_job],
-    sensors=[new_dataset_sensor],
-    schedules=[weekly_retrain],
+    jobs=[data_job, retrain_job, promote_job, field_job, review_job],
+    sensors=[new_dataset_sensor, review_progress_sensor],
+    schedules=[weekly_retrain, daily_field],
     resources=build_resources(),
 )

@@ -21,7 +21,7 @@ data_job = dg.define_asset_job(
 
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=dg.AssetSelection.all(),
+    selection=dg.AssetSelection.all() - dg.AssetSelection.groups("feedback"),
     partitions_def=dataset_version,
     description="The whole chain for one dataset version: data → train → merge → register → evaluate → promote.",
 )

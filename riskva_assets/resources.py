@@ -13,6 +13,10 @@ from the environment with ``dg.EnvVar`` (see definitions.py):
                                or a models:/ URI (default: build the demo tiny model)
     RISKVA_TRAIN_LAUNCHER      where lora_adapter trains: local (default) | ray | k8s (launch_resources.py)
     RISKVA_RAY_ADDRESS         the Ray cluster's dashboard/job address for the ray launcher, e.g. http://head:8265
+    LABEL_STUDIO_URL           the review desk (default http://127.0.0.1:8089; `make labelstudio` starts one)
+    LABEL_STUDIO_API_KEY       its API token (a secret: read through dg.EnvVar, never logged)
+    LABEL_STUDIO_DOCUMENT_ROOT the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (default: the data root)
+    RISKVA_MIN_REVIEWS         new reviews before review_progress_sensor requests reviewed_dataset (default 20)
 """
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ all agree on where things are::
       models/<version>/train/              LoRA training output (adapter, checkpoints)
       models/<version>/merged/             base + adapter merged, with merge_report.json
       reports/<version>/                   evaluation report.json|.md|.html, predictions
+      field/photos/<sha256[:2]>/<sha256>.<ext>  served photos, stored once under their hash
+      field/<kind>/<day>...                the loop from the field (feedback/): inference_log,
+                                           drift, review_queue, per UTC day
       mlflow/mlflow.db                     MLflow tracking + registry (sqlite)
       mlflow/artifacts/                    MLflow artifact root
       dagster_home/                        DAGSTER_HOME: dagster.yaml + sqlite storage
@@ -117,6 +120,16 @@ class DataRoot:
 
     def reports_dir(self, version: str) -> Path:
         return self.root / "reports" / check_version(version)
+
+    # --- the field (feedback/) -------------------------------------------
+    @property
+    def field_dir(self) -> Path:
+        return self.root / "field"
+
+    @property
+    def field_photos(self) -> Path:
+        """Photos the served model answered, one file per content hash (feedback/tracing.py)."""
+        return self.field_dir / "photos"
 
     # --- services -------------------------------------------------------
     @property

@@ -5,6 +5,8 @@ change that breaks one fails CI instead of waiting for review.
 - data/ is the bottom stage: it never imports model/, train/, evaluate/ or registry/;
 - train/ never imports registry/ (training knows nothing of MLflow's registry);
 - launch/ (how a training job is started) may use data/, model/ and train/; no stage imports launch/;
+- feedback/ (the loop from the field) may use data/, model/, evaluate/ and registry/; nothing in
+  riskva_core imports feedback/ (only riskva_assets does: it closes the loop, nothing depends on it);
 - nothing in riskva_core imports Dagster (launch/ alone may use dagster_pipes, the dependency-free
   protocol library a rank reports through); modules stay short enough to read;
 - the module import graph of riskva_core and riskva_assets has no cycle;
@@ -19,15 +21,16 @@ from collections import defaultdict
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parents[1] / "riskva_core"
-STAGES = ("data", "synth", "model", "train", "evaluate", "registry", "launch")
+STAGES = ("data", "synth", "model", "train", "evaluate", "registry", "launch", "feedback")
 FORBIDDEN = {
-    "data": {"model", "train", "evaluate", "registry", "synth", "launch"},
-    "synth": {"model", "train", "evaluate", "registry", "launch"},
-    "train": {"registry", "evaluate", "launch"},
-    "model": {"train", "evaluate", "registry", "launch"},
-    "evaluate": {"launch"},
-    "registry": {"launch"},
-    "launch": {"evaluate", "registry", "synth"},
+    "data": {"model", "train", "evaluate", "registry", "synth", "launch", "feedback"},
+    "synth": {"model", "train", "evaluate", "registry", "launch", "feedback"},
+    "train": {"registry", "evaluate", "launch", "feedback"},
+    "model": {"train", "evaluate", "registry", "launch", "feedback"},
+    "evaluate": {"launch", "feedback"},
+    "registry": {"launch", "feedback"},
+    "launch": {"evaluate", "registry", "synth", "feedback"},
+    "feedback": {"synth", "train", "launch"},
 }
 # The Pipes protocol library: no dagster import of its own, runs in the training process (rank.py).
 PIPES_ALLOWED = "launch"
@@ -115,6 +118,15 @@ def test_no_import_cycles_between_stages():
     for stage in STAGES:
         visit(stage, [])
     assert not cycles, "import cycles between stage packages: " + "; ".join(cycles)
+
+
+def test_only_the_dagster_layer_imports_feedback():
+    """feedback/ closes the loop: shared modules (cli, paths, ...) do not reach into it either."""
+    offenders = [str(p.relative_to(CORE.parent)) for p in _modules()
+                 if _stage("riskva_core." + ".".join(p.relative_to(CORE).with_suffix("").parts)) != "feedback"
+                 and any(m == "riskva_core.feedback" or m.startswith("riskva_core.feedback.") for m in _imports(p))]
+    assert not offenders, f"only riskva_assets may import riskva_core.feedback: {offenders}"
+    assert "data" in _stage_graph()["feedback"]  # not vacuous: feedback is read
 
 
 def test_core_never_imports_dagster():

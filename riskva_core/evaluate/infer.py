@@ -48,7 +48,7 @@ from riskva_core.evaluate.inputs import Item, image_items, read_image_list, samp
 from riskva_core.evaluate.parse import parse_answer
 from riskva_core.evaluate.usage import token_usage
 from riskva_core.model.resolve import MLFLOW_SCHEMES, adapter_base, download_mlflow_model, resolve_model_ref
-from riskva_core.schema import FIELDS
+from riskva_core.schema import FIELD_LEVEL, FIELDS
 
 PROMPT_TEMPLATE_FILE = "prompt_template.json"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -135,6 +135,7 @@ class Generator:
             self.template.messages(None), tokenize=False, add_generation_prompt=True
         )
         self.generation_config = self._generation_config()
+        self.level_scores = _level_scores(tok)  # the 风险等级 confidence (evaluate/confidence.py), or None
 
     def _generation_config(self):
         return greedy_config(self.model.generation_config, self.max_new_tokens, self.repetition_penalty,
@@ -173,14 +174,29 @@ class Generator:
         ).to(self.device)
         self._check_length(enc["attention_mask"].sum(dim=1).tolist())
         torch.manual_seed(self.seed)
+        scores = getattr(self, "level_scores", None)
+        extra = {"logits_processor": [scores]} if scores is not None else {}
+        if scores is not None:
+            scores.reset()
         with torch.inference_mode():
-            out = self.model.generate(**enc, generation_config=self.generation_config)
+            out = self.model.generate(**enc, generation_config=self.generation_config, **extra)
         new_tokens = out[:, enc["input_ids"].shape[1]:]
         self.last_usage = token_usage(enc["attention_mask"], new_tokens, self.generation_config.eos_token_id)
+        if scores is not None:  # rides with the usage to the pyfunc's level_confidence column
+            key = self.processor.tokenizer.encode(FIELD_LEVEL, add_special_tokens=False)
+            for usage, conf in zip(self.last_usage, scores.confidences(new_tokens.cpu(), key)):
+                usage["level_confidence"] = conf
         return [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-# ---------------------------------------------------------------- inputs
+def _level_scores(tokenizer: Any) -> Any:
+    from riskva_core.evaluate.confidence import LevelScores, level_token_ids
+
+    try:
+        return LevelScores(level_token_ids(tokenizer))
+    except (ValueError, TypeError, AttributeError):  # levels sharing a first token: no confidence
+        return None
+
 
 # ---------------------------------------------------------------- config + entry
 

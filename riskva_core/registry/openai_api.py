@@ -175,10 +175,12 @@ async def _hung_up(request: Request) -> None:
 
 def create_app(load: Callable[[], Any], model_name: str, max_request_bytes: int | None = None, *,
                timeout_s: float = DEFAULT_TIMEOUT_S, max_queue: int = DEFAULT_MAX_QUEUE,
-               max_wait_ms: float = DEFAULT_MAX_WAIT_MS):
+               max_wait_ms: float = DEFAULT_MAX_WAIT_MS, tracing: Any = None, identity: tuple | None = None):
     """The FastAPI app (wrapped in the body limit) around the pyfunc that ``load()`` returns
     (``mlflow.pyfunc.load_model``); it loads in a background thread once the server starts. The body
-    limit is ``max_request_bytes`` until then, and the loaded model's own ``max_request_bytes`` after."""
+    limit is ``max_request_bytes`` until then, and the loaded model's own ``max_request_bytes`` after.
+    ``tracing`` (a ``tracing.TracingConfig``, or None for none): each answered request is traced off
+    the request path, as ``identity`` = (model name, version, alias); lost traces count in /metrics."""
     import contextlib
 
     from fastapi import FastAPI
@@ -188,6 +190,7 @@ def create_app(load: Callable[[], Any], model_name: str, max_request_bytes: int 
 
     from riskva_core.registry.limits import BodyLimit
     from riskva_core.registry.serving_metrics import ServingMetrics
+    from riskva_core.registry.tracing import record_row, start_tracer
 
     state: dict[str, Any] = {"batcher": None, "error": None, "limits": None, "died": False, "loop": None}
 
@@ -195,6 +198,8 @@ def create_app(load: Callable[[], Any], model_name: str, max_request_bytes: int 
         return state["batcher"] is not None and state["batcher"].alive()
 
     metrics = ServingMetrics(queue_depth=lambda: state["batcher"].depth() if state["batcher"] else 0, ready=is_ready)
+    tracer = start_tracer(tracing, metrics.trace_gaps)
+    identity = identity or (model_name, "unknown", None)
 
     async def exit_soon() -> None:
         await asyncio.sleep(EXIT_GRACE_S)
@@ -234,6 +239,8 @@ def create_app(load: Callable[[], Any], model_name: str, max_request_bytes: int 
         yield
         if state["batcher"] is not None:
             state["batcher"].stop()
+        if tracer is not None:
+            tracer.close(5)  # what is queued gets 5 s; the rest is lost (the answers went out)
         if state["died"]:  # uvicorn itself would exit 0 after a SIGTERM: the status must say we failed
             logging.shutdown()
             sys.stdout.flush()
@@ -264,7 +271,7 @@ def create_app(load: Callable[[], Any], model_name: str, max_request_bytes: int 
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "riskva"}]}
 
-    async def answer(request: Request, start: float) -> dict[str, Any]:
+    async def answer(request: Request, start: float, started_ns: int) -> dict[str, Any]:
         batcher, limits = state["batcher"], state["limits"]
         if state["died"]:
             raise RequestError(503, state["error"], code="worker_died")
@@ -311,15 +318,16 @@ def create_app(load: Callable[[], Any], model_name: str, max_request_bytes: int 
             log.exception("answering a request failed")
             raise RequestError(500, f"the server failed to answer ({type(exc).__name__})", code="internal_error") \
                 from None
+        record_row(tracer, row, chat.image, identity, started_ns, time.monotonic() - start, "openai")
         return completion(model_name, row)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        start = time.monotonic()
+        start, started_ns = time.monotonic(), time.time_ns()
         metrics.observe_received()
         reason = None
         try:
-            response: Any = await answer(request, start)
+            response: Any = await answer(request, start, started_ns)
             status, outcome = 200, "answered"
         except (ClientGone, ClientDisconnect):
             response = Response(status_code=CLIENT_CLOSED)  # nobody reads it; uvicorn drops it
@@ -343,6 +351,8 @@ def app_from_env():
     """uvicorn factory: serve the model named in ``$RISKVA_OPENAI_CONFIG`` (set by ``riskva serve``)."""
     import mlflow
 
+    from riskva_core.registry.tracing import TracingConfig, model_identity
+
     try:
         config = json.loads(os.environ[ENV_CONFIG])
     except (KeyError, json.JSONDecodeError) as exc:
@@ -355,4 +365,6 @@ def app_from_env():
     return create_app(load, config.get("model_name") or "riskva", config.get("max_request_bytes"),
                       timeout_s=float(config.get("timeout_s") or DEFAULT_TIMEOUT_S),
                       max_queue=int(config.get("max_queue") or DEFAULT_MAX_QUEUE),
-                      max_wait_ms=float(config.get("max_wait_ms", DEFAULT_MAX_WAIT_MS)))
+                      max_wait_ms=float(config.get("max_wait_ms", DEFAULT_MAX_WAIT_MS)),
+                      tracing=TracingConfig.from_env(),
+                      identity=model_identity(config.get("served_uri") or config["model_uri"], config.get("model_version")))

@@ -23,7 +23,8 @@ A device out-of-memory error is not an answer about any row: ``predict`` raises
 evaluation stops on it). One model copy answers one request at a time (a lock around the
 generate loop): MLflow's scoring server runs concurrent requests in threads, and two
 ``generate`` calls on one copy would race for its memory, so the others wait their turn.
-Usage columns ``prompt_tokens``/``completion_tokens`` count each row's tokens (OpenAI ``usage``).
+Usage columns ``prompt_tokens``/``completion_tokens`` count each row's tokens (OpenAI ``usage``);
+``level_confidence`` is the 风险等级 confidence from the token probabilities (evaluate/confidence.py).
 
 Decoding is greedy (evaluation's) unless MLflow inference ``params`` ask otherwise (the
 signature's ParamSchema; ``generation.Decoding``): ``max_new_tokens`` (capped at the version's
@@ -62,6 +63,7 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 LIMIT_KEYS = ("max_rows", "max_request_bytes", "max_decoded_pixels")
 USAGE_COLUMNS = ("prompt_tokens", "completion_tokens")
 FINISH_COLUMN = "finish_reason"
+CONFIDENCE_COLUMN = "level_confidence"  # the 风险等级 confidence (evaluate/confidence.py); NaN when none
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "batch_size": DEFAULT_BATCH_SIZE,
                                         "max_rows": DEFAULT_MAX_ROWS,
                                         "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES,
@@ -135,7 +137,7 @@ def signature() -> "mlflow.models.ModelSignature":
         + [ColSpec("string", "raw_output"), ColSpec("boolean", "parse_ok"),
            ColSpec("string", "error", required=False)]
         + [ColSpec("long", c, required=False) for c in USAGE_COLUMNS]
-        + [ColSpec("string", FINISH_COLUMN, required=False)]
+        + [ColSpec("string", FINISH_COLUMN, required=False), ColSpec("double", CONFIDENCE_COLUMN, required=False)]
     )
     # Decoding params (generation.Decoding); None is "the default": greedy, the version's own cap.
     params = ParamSchema([ParamSpec("max_new_tokens", "long", None), ParamSpec("temperature", "double", None),
@@ -263,7 +265,7 @@ class RiskvaModel(mlflow.pyfunc.PythonModel):
             raise _invalid("; ".join(r["error"] for r in records))
         cap = decoding.cap(self._generator.max_new_tokens)
         return pd.DataFrame([record_row(finish(r, decoding.stop, cap)) for r in records],
-                            columns=[*OUTPUT_COLUMNS, *USAGE_COLUMNS, FINISH_COLUMN])
+                            columns=[*OUTPUT_COLUMNS, *USAGE_COLUMNS, FINISH_COLUMN, CONFIDENCE_COLUMN])
 
     def _generate(self, decoding: Any, items: list, run_items: Any) -> list[dict[str, Any]]:
         """run_items with this call's decoding. The generator reads its ``generation_config`` and
@@ -316,4 +318,6 @@ def record_row(record: Mapping[str, Any]) -> dict[str, Any]:
     for column in USAGE_COLUMNS:
         row[column] = int(usage.get(column, 0))
     row[FINISH_COLUMN] = record.get(FINISH_COLUMN) or ""
+    confidence = usage.get(CONFIDENCE_COLUMN)
+    row[CONFIDENCE_COLUMN] = float("nan") if confidence is None else float(confidence)
     return row

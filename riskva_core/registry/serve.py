@@ -74,6 +74,7 @@ class ServeConfig:
     max_decoded_pixels: int | None = None
     torch_dtype: str | None = None
     artifact_dir: str | None = None  # set by serve(): the version's local artifact folder, loaded in place
+    model_version: str | None = None  # set by serve(): the version behind the URI, traced with each answer
     max_queue: int = DEFAULT_MAX_QUEUE
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
 
@@ -153,12 +154,14 @@ def server_env(config: ServeConfig, base: dict[str, str] | None = None) -> dict[
         # --max_request_bytes overrides through MLFLOW_PYFUNC_INFERENCE_CONFIG), as scoring_app does.
         env[ENV_CONFIG] = json.dumps({
             "model_uri": config.load_uri, "model_name": _model_name(config.model_uri),
+            "served_uri": config.model_uri, "model_version": config.model_version,
             "max_request_bytes": config.max_request_bytes,
             "timeout_s": config.timeout, "max_queue": config.max_queue, "max_wait_ms": config.max_wait_ms})
     else:
         from riskva_core.registry import scoring_app
 
-        env[scoring_app.ENV_CONFIG] = json.dumps({"model_uri": config.load_uri})
+        env[scoring_app.ENV_CONFIG] = json.dumps({"model_uri": config.load_uri, "served_uri": config.model_uri,
+                                                  "model_version": config.model_version})
         env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(config.timeout)  # MLflow's own 504
     return env
 
@@ -240,6 +243,7 @@ def serve(config: ServeConfig) -> int:
     from riskva_core.registry.storage import local_model_dir
 
     version = resolve_model(config) if config.check_model else None
+    config.model_version = version  # traced with every answer (tracing.py); resolved once, here
     local = local_model_dir(config.model_uri, str(config.tracking_uri), config.registry_uri)
     config.artifact_dir = str(local) if local is not None else None
     print(usage_text(config, version), flush=True)

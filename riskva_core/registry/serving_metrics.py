@@ -20,7 +20,10 @@ requests in flight):
 - ``riskva_queue_depth``: requests waiting for the model;
 - ``riskva_images_total`` and ``riskva_images_per_second`` (answered images, the latter over the
   last minute, for a dashboard without a ``rate()``);
-- ``riskva_ready``: 1 while the model is loaded and its worker alive.
+- ``riskva_ready``: 1 while the model is loaded and its worker alive;
+- ``riskva_trace_gaps_total{reason}``: answers that went out but whose MLflow trace was not
+  written (tracing.py ``GAP_REASONS``: ``queue_full``, ``store_down``, ``export_failed``,
+  ``photo_not_stored``); every reason at 0 from the start.
 
 Each app has its own registry, so several apps in one process (tests) do not collide.
 """
@@ -65,6 +68,9 @@ class ServingMetrics:
               registry=self.registry).set_function(self.images_per_second)
         Gauge("riskva_ready", "1 while the model is loaded and its worker alive", registry=self.registry
               ).set_function(lambda: float(ready()))
+        from riskva_core.registry.tracing import gap_counter
+
+        self.trace_gaps = gap_counter(self.registry)
         self._started = time.monotonic()
         self._done: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()

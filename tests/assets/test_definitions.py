@@ -12,22 +12,29 @@ from riskva_assets.definitions import defs
 
 CHAIN = ["raw_metadata", "sft_jsonl", "sft_parquet", "base_model", "lora_adapter", "merged_model",
          "registered_model", "evaluation_report", "champion_promotion"]
+# The loop from the field (issue 28): daily partitions, then the unpartitioned reviewed_dataset.
+FEEDBACK = ["inference_log", "production_drift", "review_queue", "labelstudio_tasks", "reviewed_dataset"]
 
 
 def test_definitions_validate_in_process():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
-    assert sorted(k.to_user_string() for k in graph.get_all_asset_keys()) == sorted(CHAIN)
+    assert sorted(k.to_user_string() for k in graph.get_all_asset_keys()) == sorted(CHAIN + FEEDBACK)
 
 
 def test_every_asset_is_partitioned_described_and_versioned():
     graph = defs.resolve_asset_graph()
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
-        assert node.partitions_def is not None and node.partitions_def.name == "dataset_version", key
+        if key.to_user_string() in FEEDBACK:
+            assert node.group_name == "feedback", key
+            daily = isinstance(node.partitions_def, dg.TimeWindowPartitionsDefinition)
+            assert daily == (key.to_user_string() != "reviewed_dataset"), key
+        else:
+            assert node.partitions_def is not None and node.partitions_def.name == "dataset_version", key
+            assert node.group_name in {"data", "model", "registry"}, key
         assert node.description, key
         assert node.code_version, key
-        assert node.group_name in {"data", "model", "registry"}, key
         assert node.kinds, key
 
 
@@ -43,7 +50,8 @@ def test_training_is_pooled_and_nothing_is_inertly_automated_and_checks_block():
               for k in graph.get_all_asset_keys() for s in defs.get_assets_def(k).check_specs}
     assert checks == {("raw_metadata", "schema_valid"): True, ("merged_model", "merge_equivalent"): True,
                       ("sft_jsonl", "no_near_duplicate_leak"): True, ("sft_parquet", "no_near_duplicate_leak"): True,
-                      ("evaluation_report", "meets_thresholds"): False}
+                      ("evaluation_report", "meets_thresholds"): False,
+                      ("production_drift", "no_drift"): False, ("production_drift", "parse_rate_held"): True}
     assert {p.to_user_string() for p in graph.get(dg.AssetKey("sft_jsonl")).parent_keys} == {"raw_metadata"}
     assert {p.to_user_string() for p in graph.get(dg.AssetKey("lora_adapter")).parent_keys} == {"base_model", "sft_jsonl"}
 
@@ -106,8 +114,11 @@ def test_code_versions_come_from_the_imports_each_asset_reaches(tmp_path: Path):
 
 
 def test_jobs_sensor_schedule_present():
-    assert {j.name for j in defs.jobs} >= {"data_job", "retrain_job", "promote_job"}
+    assert {j.name for j in defs.jobs} >= {"data_job", "retrain_job", "promote_job", "field_job", "review_job"}
     assert defs.get_sensor_def("new_dataset_sensor") is not None
+    assert defs.get_sensor_def("review_progress_sensor") is not None
+    # The retrain chain is one dataset version's: the daily feedback assets are not in it.
+    assert {k.to_user_string() for k in defs.resolve_job_def("retrain_job").asset_layer.selected_asset_keys} == set(CHAIN)
     assert defs.get_schedule_def("weekly_retrain").cron_schedule == "0 3 * * 1"
 
 

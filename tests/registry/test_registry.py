@@ -51,7 +51,8 @@ def test_pyfunc_loads_by_alias_and_predicts_bytes_and_base64(logged):
     reg.activate()
     model = mlflow.pyfunc.load_model("models:/riskva@challenger")
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
-    columns = [*FIELDS, "raw_output", "parse_ok", "error", "prompt_tokens", "completion_tokens", "finish_reason"]
+    columns = [*FIELDS, "raw_output", "parse_ok", "error", "prompt_tokens", "completion_tokens", "finish_reason",
+               "level_confidence"]
     assert [c.name for c in model.metadata.get_output_schema().inputs] == columns
     assert [p.name for p in model.metadata.get_params_schema().params] == [
         "max_new_tokens", "temperature", "top_p", "seed", "stop"]  # per-request decoding (MLflow params)

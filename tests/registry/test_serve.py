@@ -97,7 +97,7 @@ def test_base64_jpeg_returns_the_four_fields_and_raw_text(server, registered):
     assert len(preds) == 2
     for p in preds:
         assert set(p) == {*FIELDS, "raw_output", "parse_ok", "error", "prompt_tokens", "completion_tokens",
-                          "finish_reason"}
+                          "finish_reason", "level_confidence"}
         assert p["error"] == "" and p["prompt_tokens"] > 0 and 0 < p["completion_tokens"] <= MAX_NEW_TOKENS
         assert p["finish_reason"] == ("length" if p["completion_tokens"] == MAX_NEW_TOKENS else "stop")
         assert isinstance(p["raw_output"], str) and p["raw_output"]
@@ -208,7 +208,8 @@ def test_command_and_environment_point_mlflow_at_the_data_root(tmp_path, monkeyp
     assert command[:5] == [sys.executable, "-m", "uvicorn", "riskva_core.registry.scoring_app:app_from_env", "--factory"]
     assert command[command.index("--port") + 1] == "6123" and command[command.index("--workers") + 1] == "2"
     env = server_env(config)
-    assert json.loads(env["RISKVA_SCORING_CONFIG"]) == {"model_uri": "models:/riskva@champion"}
+    assert json.loads(env["RISKVA_SCORING_CONFIG"]) == {"model_uri": "models:/riskva@champion",
+                                                        "served_uri": "models:/riskva@champion", "model_version": None}
     assert env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] == "90"
     expected = f"sqlite:///{(tmp_path / 'home').resolve() / 'mlflow' / 'mlflow.db'}"
     assert env["MLFLOW_TRACKING_URI"] == expected and env["MLFLOW_REGISTRY_URI"] == expected
@@ -217,7 +218,7 @@ def test_command_and_environment_point_mlflow_at_the_data_root(tmp_path, monkeyp
     # --torch_dtype reaches the pyfunc's model_config; a local artifact folder is what MLflow loads.
     config = ServeConfig(torch_dtype="bfloat16", artifact_dir=str(tmp_path / "artifacts"))
     assert json.loads(server_env(config)["MLFLOW_PYFUNC_INFERENCE_CONFIG"]) == {"torch_dtype": "bfloat16"}
-    assert json.loads(server_env(config)["RISKVA_SCORING_CONFIG"]) == {"model_uri": str(tmp_path / "artifacts")}
+    assert json.loads(server_env(config)["RISKVA_SCORING_CONFIG"])["model_uri"] == str(tmp_path / "artifacts")
     with pytest.raises(RiskvaError, match="--torch_dtype float16 is refused"):
         ServeConfig(torch_dtype="float16")
     monkeypatch.setenv("RISKVA_MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
