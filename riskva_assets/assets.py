@@ -29,7 +29,10 @@ from .model_assets import base_model, lora_adapter, merged_model
 from .registry_assets import champion_promotion, evaluation_report, registered_model
 from .review_assets import labelstudio_tasks, reviewed_dataset
 
-ALL_ASSETS = [raw_metadata, sft_jsonl, sft_parquet, base_model, lora_adapter, merged_model, registered_model,
-              evaluation_report, champion_promotion,
-              inference_log, production_drift, review_queue, labelstudio_tasks, reviewed_dataset]
+# One chain per dataset version (materialized together with a dataset_version partition key) ...
+VERSION_ASSETS = [raw_metadata, sft_jsonl, sft_parquet, base_model, lora_adapter, merged_model, registered_model,
+                  evaluation_report, champion_promotion]
+# ... and the loop from the field, by UTC day (reviewed_dataset unpartitioned): never in one run with the chain.
+FEEDBACK_ASSETS = [inference_log, production_drift, review_queue, labelstudio_tasks, reviewed_dataset]
+ALL_ASSETS = VERSION_ASSETS + FEEDBACK_ASSETS
 DATA_ASSETS = ["raw_metadata", "sft_jsonl", "sft_parquet"]

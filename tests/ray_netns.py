@@ -140,7 +140,7 @@ def materialize(home: str, address: str, pause: bool) -> int:
     """The Dagster side: lora_adapter with the ray launcher, 2 ranks on 2 nodes (STRICT_SPREAD)."""
     import dagster as dg
 
-    from riskva_assets.assets import ALL_ASSETS
+    from riskva_assets.assets import VERSION_ASSETS
     from riskva_assets.partitions import DATASET_VERSION
     from riskva_assets.resources import DataRootResource, MlflowResource, TrainingLauncher
     paths = DataRootResource(root=home)
@@ -153,7 +153,7 @@ def materialize(home: str, address: str, pause: bool) -> int:
     instance = dg.DagsterInstance.get()
     if VERSION not in instance.get_dynamic_partitions(DATASET_VERSION):
         instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
-    result = dg.materialize(ALL_ASSETS, selection=["lora_adapter"], partition_key=VERSION, instance=instance,
+    result = dg.materialize(VERSION_ASSETS, selection=["lora_adapter"], partition_key=VERSION, instance=instance,
                             run_config=dg.RunConfig(ops={"lora_adapter": {"config": TRAIN_CONFIG}}),
                             resources={"paths": paths, "mlflow": MlflowResource(paths=paths), "launcher": launcher},
                             raise_on_error=False)

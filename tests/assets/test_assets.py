@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from riskva_assets.assets import ALL_ASSETS, DATA_ASSETS
+from riskva_assets.assets import VERSION_ASSETS, DATA_ASSETS
 from riskva_assets.partitions import DATASET_VERSION
 from riskva_assets.resources import DataRootResource, MlflowResource, TrainingLauncher
 from riskva_core.synth.generate import synth
@@ -35,7 +35,7 @@ def _events(result, kind: str, key: str) -> list:
 def test_data_assets_materialize_with_metadata_and_check(home: Path):
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
-        result = dg.materialize([a for a in ALL_ASSETS if a.key.path[0] in DATA_ASSETS], partition_key=VERSION,
+        result = dg.materialize([a for a in VERSION_ASSETS if a.key.path[0] in DATA_ASSETS], partition_key=VERSION,
                                 instance=instance, resources=_resources(home))
         assert result.success
         raw = result.asset_materializations_for_node("raw_metadata")[0]
@@ -55,7 +55,7 @@ def test_data_assets_materialize_with_metadata_and_check(home: Path):
             assert len(mat.metadata["preview"].value.records) == 5
             assert mat.tags["dagster/data_version"] == mat.metadata["fingerprint"].value[:16]
         # Same data → same data versions on a second run (content hashes, not timestamps).
-        again = dg.materialize([a for a in ALL_ASSETS if a.key.path[0] in DATA_ASSETS], partition_key=VERSION,
+        again = dg.materialize([a for a in VERSION_ASSETS if a.key.path[0] in DATA_ASSETS], partition_key=VERSION,
                                instance=instance, resources=_resources(home))
         def versions(res):
             return {e.asset_key.to_user_string(): e.step_materialization_data.materialization.tags["dagster/data_version"]
@@ -72,7 +72,7 @@ def test_failing_schema_check_blocks_every_downstream_asset(home: Path):
     csv.write_text("\n".join(bad) + "\n", encoding="utf-8")
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
-        result = dg.materialize(ALL_ASSETS, partition_key=VERSION, instance=instance,
+        result = dg.materialize(VERSION_ASSETS, partition_key=VERSION, instance=instance,
                                 resources=_resources(home), raise_on_error=False)
         assert not result.success
         (check,) = result.get_asset_check_evaluations()
@@ -106,11 +106,11 @@ def test_whole_graph_with_tiny_model_two_ranks(home: Path):
     })
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
-        result = dg.materialize(ALL_ASSETS, partition_key=VERSION, instance=instance, run_config=run_config,
+        result = dg.materialize(VERSION_ASSETS, partition_key=VERSION, instance=instance, run_config=run_config,
                                 resources=_resources(home, num_processes=2, termination_timeout_s=60))
         assert result.success
         done = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
-        assert sorted(done) == sorted(a.key.to_user_string() for a in ALL_ASSETS)  # each exactly once
+        assert sorted(done) == sorted(a.key.to_user_string() for a in VERSION_ASSETS)  # each exactly once
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
         assert set(checks) == {"schema_valid", "no_near_duplicate_leak", "merge_equivalent", "meets_thresholds"}
         assert checks["merge_equivalent"].passed and "tolerance" in checks["merge_equivalent"].description
@@ -170,7 +170,7 @@ def test_registering_twice_makes_one_model_version(tmp_path: Path):
         instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
 
         def register(**kw):
-            return dg.materialize(ALL_ASSETS, selection=["registered_model"], partition_key=VERSION, instance=instance,
+            return dg.materialize(VERSION_ASSETS, selection=["registered_model"], partition_key=VERSION, instance=instance,
                                   run_config=run_config, resources=_resources(home), **kw)
 
         # Planted stale evidence: a folder merged from an older adapter (the newest merge was refused and

@@ -129,14 +129,14 @@ def test_cancel_from_dagster_checkpoints_every_rank_and_leaves_no_process(tmp_pa
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in rank_pids)
 
     # Re-executing lora_adapter (same data, base model, config) resumes from that checkpoint.
-    from riskva_assets.assets import ALL_ASSETS
+    from riskva_assets.assets import VERSION_ASSETS
     from riskva_assets.resources import DataRootResource, MlflowResource, TrainingLauncher
 
     monkeypatch.delenv(PAUSE_ENV)
     paths = DataRootResource(root=str(home))
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
-        result = dg.materialize(ALL_ASSETS, selection=["lora_adapter"], partition_key=VERSION, instance=instance,
+        result = dg.materialize(VERSION_ASSETS, selection=["lora_adapter"], partition_key=VERSION, instance=instance,
                                 run_config=dg.RunConfig(ops={"lora_adapter": run_config["ops"]["lora_adapter"]}),
                                 resources={"paths": paths, "mlflow": MlflowResource(paths=paths),
                                            "launcher": TrainingLauncher(num_processes=2)})

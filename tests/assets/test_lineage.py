@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from riskva_assets.assets import ALL_ASSETS, DATA_ASSETS
+from riskva_assets.assets import VERSION_ASSETS, DATA_ASSETS
 from riskva_assets.partitions import DATASET_VERSION
 from riskva_assets.resources import DataRootResource, MlflowResource, TrainingLauncher
 from riskva_core.synth.generate import synth
@@ -60,7 +60,7 @@ def test_a_failed_retrain_leaves_nothing_to_register_and_tags_come_from_the_adap
         def run(selection: list[str], train: dict | None = None, **kw) -> dg.ExecuteInProcessResult:
             ops = {"base_model": {"config": {"size": "tiny"}}, "lora_adapter": {"config": train or GOOD},
                    "registered_model": {"config": {"max_new_tokens": 8, "batch_size": 2}}}
-            return dg.materialize(ALL_ASSETS, selection=selection, partition_key=VERSION, instance=instance,
+            return dg.materialize(VERSION_ASSETS, selection=selection, partition_key=VERSION, instance=instance,
                                   resources=resources, run_config=dg.RunConfig(ops={k: v for k, v in ops.items()
                                                                                     if k in selection}), **kw)
 

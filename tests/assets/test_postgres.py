@@ -15,7 +15,7 @@ import dagster as dg
 import pytest
 from conftest import missing_requirement
 
-from riskva_assets.assets import ALL_ASSETS
+from riskva_assets.assets import VERSION_ASSETS
 from riskva_assets.partitions import DATASET_VERSION
 from riskva_assets.resources import DataRootResource, MlflowResource, TrainingLauncher
 from riskva_core.launch.commands import free_port
@@ -90,11 +90,11 @@ def test_whole_graph_on_postgres(postgres: dict[str, str], tmp_path: Path, monke
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
-        result = dg.materialize(ALL_ASSETS, partition_key=VERSION, instance=instance, run_config=run_config,
+        result = dg.materialize(VERSION_ASSETS, partition_key=VERSION, instance=instance, run_config=run_config,
                                 resources=resources)
         assert result.success
         assert sorted(e.asset_key.to_user_string() for e in result.get_asset_materialization_events()) == \
-            sorted(a.key.to_user_string() for a in ALL_ASSETS)
+            sorted(a.key.to_user_string() for a in VERSION_ASSETS)
         version = result.asset_materializations_for_node("registered_model")[0].metadata["model_version"].value
     connect = dict(host="127.0.0.1", port=int(postgres["port"]), user=USER)
     with psycopg2.connect(dbname="dagster", **connect) as conn, conn.cursor() as cur:

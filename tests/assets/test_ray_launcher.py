@@ -52,14 +52,14 @@ def _adapter(home: Path) -> dict:
 
 
 def _materialize_local(home: Path) -> dg.MaterializeResult:
-    from riskva_assets.assets import ALL_ASSETS
+    from riskva_assets.assets import VERSION_ASSETS
     from riskva_assets.partitions import DATASET_VERSION
     from riskva_assets.resources import DataRootResource, MlflowResource, TrainingLauncher
 
     paths = DataRootResource(root=str(home))
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(DATASET_VERSION, [VERSION])
-        result = dg.materialize(ALL_ASSETS, selection=["lora_adapter"], partition_key=VERSION, instance=instance,
+        result = dg.materialize(VERSION_ASSETS, selection=["lora_adapter"], partition_key=VERSION, instance=instance,
                                 run_config=dg.RunConfig(ops={"lora_adapter": {"config": TRAIN_CONFIG}}),
                                 resources={"paths": paths, "mlflow": MlflowResource(paths=paths),
                                            "launcher": TrainingLauncher(num_processes=2)})

@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 
 from riskva_assets.asset_metadata import CODE_VERSIONS
-from riskva_assets.assets import ALL_ASSETS, DATA_ASSETS
+from riskva_assets.assets import VERSION_ASSETS, DATA_ASSETS
 from riskva_assets.partitions import DATASET_VERSION
 from riskva_assets.resources import DataRootResource, MlflowResource, TrainingLauncher
 from riskva_assets.schedules import weekly_retrain
@@ -65,7 +65,7 @@ def test_csv_first_images_later_gives_one_successful_run(tmp_path: Path):
     synth(folder, num_images=9, seed=0, image_size=(96, 72), num_workers=1)
     shutil.move(folder / "images", tmp_path / "images_in_transit")
     resources = {"paths": DataRootResource(root=str(home))}
-    data_assets = [a for a in ALL_ASSETS if a.key.path[0] in DATA_ASSETS]
+    data_assets = [a for a in VERSION_ASSETS if a.key.path[0] in DATA_ASSETS]
     with dg.instance_for_test() as instance:
         first = _sensor(instance, home)
         (req1,) = first.run_requests
