@@ -132,7 +132,7 @@ def test_preemption_resumes_a_finished_run_is_reused_and_a_code_change_retrains_
     (a spot reclaim) is retried and resumed; a re-run of the finished run trains nothing; a change
     to the training code trains again from step 0 with the finished run's checkpoints moved aside."""
     from riskva_assets import asset_metadata
-    from riskva_assets.assets import ALL_ASSETS
+    from riskva_assets.assets import VERSION_ASSETS
     from riskva_assets.model_assets import PIN_LINEAGE, base_model_tags
     from riskva_assets.partitions import DATASET_VERSION
     from riskva_assets.resources import DataRootResource, MlflowResource, TrainingLauncher
@@ -152,7 +152,7 @@ def test_preemption_resumes_a_finished_run_is_reused_and_a_code_change_retrains_
     out = root.train_dir(version)
 
     def materialize(selection: str, instance) -> dg.ExecuteInProcessResult:
-        return dg.materialize(ALL_ASSETS, selection=[selection], partition_key=version, instance=instance,
+        return dg.materialize(VERSION_ASSETS, selection=[selection], partition_key=version, instance=instance,
                               run_config=dg.RunConfig(ops={selection: train} if selection == "lora_adapter" else {}),
                               resources=resources)
 
