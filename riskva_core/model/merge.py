@@ -165,6 +165,19 @@ def merge_layers(model) -> dict[str, dict]:
     return layers
 
 
+def unwrap_merged(model):
+    """The plain transformers model once every LoRA layer is merged in place: LoRA wrappers dropped,
+    and each ``modules_to_save`` wrapper (the trained lm_head, merger) replaced by the adapter's
+    TRAINED copy. That is peft's ``merge_and_unload``; its merge step finds every layer already
+    merged and does nothing. Not ``unload()``: since peft 0.22 it puts the ORIGINAL module back in
+    place of a ``modules_to_save`` copy, which silently drops a trained head from the merge."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All adapters are already merged, nothing to do.")
+        return model.merge_and_unload()
+
+
 def _below(layers: dict[str, dict], kept: float) -> list[str]:
     return [k for k, v in layers.items() if v["kept"] is not None and v["kept"] < kept]
 
@@ -279,7 +292,7 @@ def merge(cfg: MergeConfig) -> dict[str, Any]:
                 f"merge refused: the LoRA update of {len(lost)} of {len(layers)} layers rounded away in {name} "
                 f"(kept < {1 - cfg.max_update_error:g}, --max_update_error {cfg.max_update_error:g}): {_names(lost)}; "
                 "nothing written", exit_code=3)
-    merged_model = model.unload()  # weights already merged layer by layer; drops the LoRA wrappers
+    merged_model = unwrap_merged(model)
     del model
 
     with atomic_dir(cfg.output_dir) as tmp:  # removed unless the whole block succeeds: nothing written
