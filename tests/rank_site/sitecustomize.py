@@ -13,6 +13,10 @@ starts from) when that module is first imported; with neither variable set this 
   size and a sha256 over its trainable parameters (ranks in sync; an adapter reloads exactly).
 - RISKVA_TESTS_FP32_GEMM=1: bf16 matrix products on the CPU go through the float32 GEMM and are
   rounded once (fp32_gemm.py says why: this CPU's bf16 fallback runs at ~0.1 GFLOP/s).
+- RISKVA_TESTS_SIGUSR1_RAISES_IN=NAME: a SIGUSR1 to the process raises SystemExit inside its thread
+  called NAME, as a fatal error in that thread would (a served model's batching worker dying). It
+  replaces attaching gdb to call into the interpreter: gdb cannot write the registers back on CPUs
+  with AMX state ("Couldn't write extended state status: Bad address").
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import sys
 PAUSE_ENV = "RISKVA_TESTS_PAUSE_AFTER_STEP"
 DIGEST_ENV = "RISKVA_TESTS_PARAM_DIGEST"
 FP32_GEMM_ENV = "RISKVA_TESTS_FP32_GEMM"
+RAISE_ENV = "RISKVA_TESTS_SIGUSR1_RAISES_IN"
 
 
 def params_digest(model) -> str:
@@ -120,3 +125,19 @@ if os.environ.get(PAUSE_ENV) or os.environ.get(DIGEST_ENV):
     sys.meta_path.insert(0, _AfterImport("transformers.trainer", lambda m: m.DEFAULT_CALLBACKS.extend(_callbacks())))
 if os.environ.get(FP32_GEMM_ENV) == "1":
     sys.meta_path.insert(0, _AfterImport("torch", _install_fp32_gemm))
+
+
+def _raise_in_named_thread(signum, frame) -> None:
+    """Runs in the main thread (where Python runs signal handlers) and raises in the other one."""
+    import ctypes
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == os.environ[RAISE_ENV] and thread.ident is not None:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(SystemExit))
+
+
+if os.environ.get(RAISE_ENV):
+    import signal
+
+    signal.signal(signal.SIGUSR1, _raise_in_named_thread)

@@ -4,15 +4,16 @@ One tiny model is registered (batch_size 4, max_new_tokens 32, a body limit of i
 served once for the module: hung-up clients leave the queue and are counted cancelled; every
 request field is honoured (max_tokens, stop, temperature/top_p/seed, greedy = `riskva infer`)
 or refused with a 400 naming it; the body limit is the model's own; the /metrics counters add
-up. The last test kills the server's batching worker (from outside, with gdb: an exception
-raised in the worker thread) and watches /ready turn 503 and the process exit non-zero.
+up. The last test kills the server's batching worker (from outside: a SIGUSR1 that the test-only
+sitecustomize turns into SystemExit raised in the worker thread) and watches /ready turn 503 and
+the process exit non-zero.
 """
 from __future__ import annotations
 
 import base64
 import json
 import os
-import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from pathlib import Path
 import pytest
 import requests
 from model_fixtures import make_prepared_dataset, make_tiny_model
+from rank_callbacks import rank_env
+from rank_site.sitecustomize import RAISE_ENV
 from servers import ServerProcess, free_port
 
 from riskva_core.data.samples import SPLITS, read_samples
@@ -37,7 +40,8 @@ MAX_BODY = 400_000  # the registered model's own max_request_bytes: the only bod
 
 def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RISKVA_"))}
-    env.update(RISKVA_HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(RISKVA_HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               **rank_env(), **{RAISE_ENV: "riskva-batcher"})  # SIGUSR1 kills the batching worker
     return env
 
 
@@ -234,28 +238,12 @@ def test_the_metrics_counters_add_up(world, server):
     assert samples[("riskva_images_total", ())] == counts["answered"]
 
 
-GDB_RAISE_IN_WORKER = (
-    "import ctypes, threading\n"
-    "for t in threading.enumerate():\n"
-    "    if t.name == 'riskva-batcher':\n"
-    "        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(SystemExit))\n")
-
-
 def test_a_dead_worker_makes_ready_503_and_the_process_exit_non_zero(world, server):
     """Last in the module: it ends the module's server (one model load fewer than a server of its own)."""
-    gdb = shutil.which("gdb")
-    if gdb is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("gdb is needed to kill the batching worker from outside (apt-get install gdb)")
-        pytest.skip("gdb is not installed: nothing can kill the batching worker from outside")
     url, srv = server
     assert _post(url, _chat(world["images"][0])).status_code == 200
-    # Raise SystemExit inside the worker thread of the running server, as a fatal error would.
-    code = json.dumps(GDB_RAISE_IN_WORKER)
-    proc = subprocess.run([gdb, "-p", str(srv.proc.pid), "-batch", "-ex", "call (int)PyGILState_Ensure()",
-                           "-ex", f"call (int)PyRun_SimpleString({code})", "-ex", "call (void)PyGILState_Release($1)"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # SystemExit raised inside the worker thread of the running server, as a fatal error would.
+    srv.proc.send_signal(signal.SIGUSR1)
     statuses = []
     deadline = time.monotonic() + 30
     while srv.alive() and time.monotonic() < deadline:
