@@ -153,7 +153,8 @@ def reviewed_dataset(context: dg.AssetExecutionContext, config: ReviewedDatasetC
 
     root = paths.layout()
     client = labelstudio.client()
-    reviews = reviews_from_tasks(client.completed_tasks(labelstudio.project(client)))
+    completed = client.completed_tasks(labelstudio.project(client))
+    reviews = reviews_from_tasks(completed)
     previous = _previous_version(config, paths, mlflow)
     new = config.new_version or f"{previous}-field-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
     result = write_reviewed_dataset(Spec(previous_csv=root.dataset_csv(previous), previous_root=root.dataset_dir(previous),
@@ -175,6 +176,8 @@ def reviewed_dataset(context: dg.AssetExecutionContext, config: ReviewedDatasetC
     metadata: dict[str, Any] = {
         "dataset_version": new, "previous_version": previous, "csv": dg.MetadataValue.path(str(result.csv_path)),
         "rows_previous": result.rows_previous, "rows_added": result.rows_added, "reviews": len(reviews),
+        # What review_progress_sensor counts as used: the desk's reviewed tasks this version was made from.
+        "reviewed_on_desk": len(completed),
         "expectations_logged": expectations, "skipped": len(result.skipped),
         "changed_fields": dg.MetadataValue.json(result.changed),
         "field_accuracy": dg.MetadataValue.md(md_table(["model version", "field", "accepted", "share [95% CI]"], rows)),
@@ -206,7 +209,8 @@ class ReviewProgressConfig:
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Polls Label Studio: reports review progress as AssetObservations of labelstudio_tasks (tasks, "
     "reviewed, new since the last dataset) and requests reviewed_dataset once $RISKVA_MIN_REVIEWS (default 20) "
-    "reviews are new since the last one. Unreachable or a refused token: skipped with the reason.",
+    "reviews are new since the last reviewed_dataset that materialized (a failed run uses none up: the next "
+    "review requests it again). Unreachable or a refused token: skipped with the reason.",
 )
 def review_progress_sensor(context: dg.SensorEvaluationContext, labelstudio: LabelStudioResource):
     import os
@@ -218,16 +222,20 @@ def review_progress_sensor(context: dg.SensorEvaluationContext, labelstudio: Lab
         progress = client.progress(project)
     except RiskvaError as exc:
         return dg.SkipReason(str(exc))
-    used = int(json.loads(context.cursor).get("reviewed", 0)) if context.cursor else 0
+    # Counted from the last dataset that was MADE, not from the last request: a cursor moved on request
+    # would swallow the reviews of a run that then failed until min_reviews more came in. The run key
+    # keeps one run per desk count (a failed one is not retried in a loop; the next review retries it).
+    last = context.instance.get_latest_materialization_event(dg.AssetKey("reviewed_dataset"))
+    entry = last.asset_materialization.metadata.get("reviewed_on_desk") if last and last.asset_materialization else None
+    used = int(entry.value) if entry is not None else 0
     fresh = progress["reviewed"] - used
     observation = dg.AssetObservation(asset_key="labelstudio_tasks", metadata={
         "tasks_on_desk": progress["tasks"], "reviewed": progress["reviewed"], "new_since_last_dataset": fresh,
         "min_reviews": min_reviews, "project": project})
     if fresh < min_reviews:
         return dg.SensorResult(asset_events=[observation], skip_reason=dg.SkipReason(
-            f"{fresh} new reviews of {min_reviews} needed ({progress['reviewed']}/{progress['tasks']} reviewed)"),
-            cursor=context.cursor)
+            f"{fresh} new reviews of {min_reviews} needed ({progress['reviewed']}/{progress['tasks']} reviewed)"))
     run_config = {"ops": {"reviewed_dataset": {"config": {"min_reviews": min_reviews}}}}
-    return dg.SensorResult(asset_events=[observation], cursor=json.dumps({"reviewed": progress["reviewed"]}),
+    return dg.SensorResult(asset_events=[observation],
                            run_requests=[dg.RunRequest(run_key=f"reviewed-{progress['reviewed']}",
                                                        run_config=run_config)])

@@ -177,14 +177,21 @@ def test_served_answers_come_back_as_a_reviewed_dataset_version(home, desk, tmp_
         assert client.progress(project)["reviewed"] == len(tasks) and CONTROLS
 
         # The review sensor reports progress and asks for the dataset once enough photos are reviewed.
-        os.environ["RISKVA_MIN_REVIEWS"] = "3"
-        try:
-            with dg.build_sensor_context(instance=instance, resources=resources) as context:
-                polled = review_progress_sensor(context)
-        finally:
-            os.environ.pop("RISKVA_MIN_REVIEWS", None)
+        def poll():
+            os.environ["RISKVA_MIN_REVIEWS"] = "3"
+            try:
+                with dg.build_sensor_context(instance=instance, resources=resources) as context:
+                    return review_progress_sensor(context)
+            finally:
+                os.environ.pop("RISKVA_MIN_REVIEWS", None)
+
+        polled = poll()
         assert polled.asset_events[0].metadata["reviewed"].value == len(tasks)
         assert len(polled.run_requests) == 1
+        # A request uses no review up: until a dataset is made from them (its run may fail), the same
+        # reviews are asked for again, under the same run key (Dagster launches a key once).
+        again = poll()
+        assert [r.run_key for r in again.run_requests] == [polled.run_requests[0].run_key]
         run_config = {"ops": {"reviewed_dataset": {"config": {
             **polled.run_requests[0].run_config["ops"]["reviewed_dataset"]["config"], "new_version": "v2"}}}}
         made = dg.materialize([reviewed_dataset], instance=instance, resources=resources, run_config=run_config)
@@ -194,6 +201,9 @@ def test_served_answers_come_back_as_a_reviewed_dataset_version(home, desk, tmp_
         # model's drafts rarely are: provenance lists those as incomplete reviews).
         assert meta["rows_added"].value >= len(tasks) - len(accepted)
         assert f"field_accept.v{rv.version}.all" in meta and meta["expectations_logged"].value == len(tasks)
+        assert meta["reviewed_on_desk"].value == len(tasks)
+        after = poll()  # made: those reviews are used, none is new
+        assert not after.run_requests and after.asset_events[0].metadata["new_since_last_dataset"].value == 0
 
         # The new version: the seed's CSV format, the corrected fields, and `riskva validate` passes it.
         new = home / "datasets" / "v2"
