@@ -22,7 +22,7 @@ from .resources import REPO_ROOT
 # What a function reaches other than by import:
 ASSET_MODULES = ("riskva_assets/data_assets.py", "riskva_assets/model_assets.py", "riskva_assets/registry_assets.py",
                  "riskva_assets/feedback_assets.py", "riskva_assets/review_assets.py")
-# lora_adapter: the training every rank runs (riskva_core/launch/rank.py calls it). The launch package
+# lora_adapter: the training every rank runs (riskva_assets/pipes_rank.py calls it). The launch package
 # itself (how ranks are started, report and resume) does not change the weights and is not hashed.
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {"lora_adapter": ("riskva_core.train.sft",)}
 EXTRA_FILES: dict[str, tuple[str, ...]] = {"lora_adapter": ("configs/deepspeed_zero2.yaml", "configs/ds_zero2.json")}

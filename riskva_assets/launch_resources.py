@@ -8,7 +8,7 @@ overridden or called; tests/test_layout.py checks):
 - ``local`` (default): ``accelerate launch`` as a Pipes subprocess on the Dagster run's host
   (:class:`ProcessGroupPipesClient`, a ``dg.PipesClient``). Right for one 8-GPU box.
 - ``ray``: a job on an existing Ray cluster through dagster-ray's ``PipesRayJobClient``; the job
-  runs Ray Train's ``TorchTrainer`` (riskva_core/launch/ray_train.py). Rank 0's Pipes messages reach
+  runs Ray Train's ``TorchTrainer`` (riskva_assets/ray_train.py). Rank 0's Pipes messages reach
   Dagster through the job's log.
 - ``k8s``: one pod through ``dagster_k8s.PipesK8sClient`` with the manifest ``k8s_pod_spec``
   (configs/scale_out/k8s_training_pod.yaml), running the local launcher's ``accelerate launch``.
@@ -64,7 +64,7 @@ class TrainingLauncher(dg.ConfigurableResource):
         "launcher runs its DeepSpeed JSON",
     )
     rank_module: str = Field(default=RANK_MODULE, description="Python module every rank runs: "
-                             "riskva_core.launch.rank, or a module of yours whose main(argv, callbacks) wraps it "
+                             "riskva_assets.pipes_rank, or a module of yours whose main(argv, callbacks) wraps it "
                              "to add TrainerCallbacks")
     base_model_path: str = Field(
         default="",
@@ -127,7 +127,7 @@ class TrainingLauncher(dg.ConfigurableResource):
 
     def command(self, module_args: list[str]) -> list[str]:
         """The command the launcher runs: ``accelerate launch`` of the rank module (local, and in the
-        k8s pod), or the Ray job's entrypoint (riskva_core.launch.ray_train)."""
+        k8s pod), or the Ray job's entrypoint (riskva_assets.ray_train)."""
         from riskva_core.errors import RiskvaError
 
         try:

@@ -162,7 +162,7 @@ class TrainConfig(dg.Config):
     deps=["base_model", "sft_jsonl"],
     pool="gpu",
     description="LoRA SFT adapter, trained out of process through Dagster Pipes: `accelerate launch` with the "
-    "DeepSpeed ZeRO-2 config runs riskva_core.launch.rank on every rank; rank 0 alone streams logs and "
+    "DeepSpeed ZeRO-2 config runs riskva_assets.pipes_rank on every rank; rank 0 alone streams logs and "
     "reports the materialization. Cancelling the run sends SIGTERM to every rank: each saves a checkpoint "
     "and exits. A retry or re-execution resumes from the newest checkpoint of the same data versions, pinned "
     "base model, training code, launcher config and training flags (run_identity.json beside the checkpoints; "

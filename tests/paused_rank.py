@@ -1,4 +1,4 @@
-"""A rank entry for tests (``TrainingLauncher.rank_module="paused_rank"``): riskva_core.launch.rank with a
+"""A rank entry for tests (``TrainingLauncher.rank_module="paused_rank"``): riskva_assets.pipes_rank with a
 ``TrainerCallback`` that idles after step 1 until the run is stopped, so a test can cancel mid-run at a
 known step. Production code knows nothing of it: it comes in through the rank entry's ``callbacks``.
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from riskva_core.launch import rank
-from riskva_core.launch.rank import StopWhenRequested
+from riskva_assets import pipes_rank as rank
+from riskva_assets.pipes_rank import StopWhenRequested
 
 PAUSE_AFTER_STEP = 1
 

@@ -92,7 +92,7 @@ def test_k8s_training_pod_renders_with_dagster_k8s_and_matches_the_kubernetes_sc
     spec = again.spec
     (container,) = spec.containers
     assert container.resources.limits["nvidia.com/gpu"] == "8" == container.resources.requests["nvidia.com/gpu"]
-    assert container.command[:2] == ["accelerate", "launch"] and "riskva_core.launch.rank" in container.command
+    assert container.command[:2] == ["accelerate", "launch"] and "riskva_assets.pipes_rank" in container.command
     assert container.command[container.command.index("--num_processes") + 1] == "8"
     env = {e.name: e.value for e in container.env}
     assert {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES", "RISKVA_HOME"} <= set(env)

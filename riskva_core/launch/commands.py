@@ -6,8 +6,8 @@ these functions.
 
 - ``local``: ``accelerate launch --config_file <yaml> --num_processes N -m <rank module> <flags>``.
 - ``k8s``: the same line inside the pod (the image's ``accelerate``, configs relative to its checkout).
-- ``ray``: ``python -m riskva_core.launch.ray_train <scaling flags> -- <flags>``, the Ray job's
-  entrypoint, which runs Ray Train's ``TorchTrainer`` (ray_train.py).
+- ``ray``: ``python -m riskva_assets.ray_train <scaling flags> -- <flags>``, the Ray job's
+  entrypoint, which runs Ray Train's ``TorchTrainer`` (riskva_assets/ray_train.py).
 """
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from typing import Any
 from riskva_core.errors import RiskvaError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RANK_MODULE = "riskva_core.launch.rank"
-RAY_ENTRY = "riskva_core.launch.ray_train"
+# The entries the command lines start, named, never imported: they speak Dagster Pipes, so they live
+# in riskva_assets (riskva_core never imports dagster or dagster_pipes).
+RANK_MODULE = "riskva_assets.pipes_rank"
+RAY_ENTRY = "riskva_assets.ray_train"
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # The Pipes message file of a pod run, under the run's output dir on the shared data root.
 PIPES_DIR = "pipes"

@@ -48,7 +48,7 @@ from riskva_core.errors import RiskvaError
 
 IDENTITY_FILE = "run_identity.json"
 COMPLETE_FILE = "run_complete.json"
-STOPPED_FILE = "stopped.json"  # riskva_core.launch.rank: stopped by a signal after its checkpoint
+STOPPED_FILE = "stopped.json"  # riskva_assets.pipes_rank: stopped by a signal after its checkpoint
 LINEAGE_FILE = "lineage.json"  # in adapter/: the finished run's record of what produced these weights
 SUPERSEDED_DIR = "superseded"
 RESULT_DIRS = ("adapter", "model")  # a run's result: LoRA adapter, or full fine-tune (train/outputs.py)

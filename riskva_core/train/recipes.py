@@ -17,7 +17,7 @@ SEED_GPU   the seed's exact values (``--recipe seed``), for reproducing the seed
 none       no recipe: only the flags' own defaults (``--recipe none``).
 
 Every entry point applies ``--recipe auto`` unless told otherwise (``python -m riskva_core.train``,
-``accelerate launch -m riskva_core.train``, ``riskva train``, riskva_core/launch/rank.py, the
+``accelerate launch -m riskva_core.train``, ``riskva train``, riskva_assets/pipes_rank.py, the
 Dagster asset); flags given on the command line always win (train/config.py ``config_from_args``).
 
 ``resolve("auto", base_model)`` picks by the BASE MODEL, never by the devices of whoever asks:

@@ -111,7 +111,7 @@ def test_the_pod_launch_submits_is_the_pod_render_training_pod_renders(kubelet, 
     # manifest's, the rank entry, and Pipes messages in a file on the shared data root, not the pod log
     assert env["RISKVA_PINNED_MODELS"] == pinned["RISKVA_PINNED_MODELS"] and env["NCCL_DEBUG"] == "WARN"
     assert env["RISKVA_HOME"] == "/data/riskva_home" and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in env
-    assert "riskva_core.launch.rank" in submitted.spec.containers[0].command
+    assert "riskva_assets.pipes_rank" in submitted.spec.containers[0].command
     messages = _decode(env["DAGSTER_PIPES_MESSAGES"])
     assert Path(messages["path"]).parent == tmp_path / "out" / "pipes"
 

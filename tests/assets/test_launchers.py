@@ -33,15 +33,15 @@ def test_each_launcher_runs_the_same_entry_with_the_same_deepspeed_json():
     local = TrainingLauncher(num_processes=2).command(ARGS)
     pod = TrainingLauncher(launcher="k8s", num_processes=8).command(ARGS)
     ray = TrainingLauncher(launcher="ray", num_processes=16, ray_placement="SPREAD").command(ARGS)
-    assert local[1] == "launch" and local[-len(ARGS) - 2:] == ["-m", "riskva_core.launch.rank", *ARGS]
+    assert local[1] == "launch" and local[-len(ARGS) - 2:] == ["-m", "riskva_assets.pipes_rank", *ARGS]
     # In the pod: the image's accelerate and the checkout-relative config, not this machine's paths.
     assert pod[:4] == ["accelerate", "launch", "--config_file", "configs/deepspeed_zero2.yaml"]
     assert pod[-len(ARGS) - 2:] == local[-len(ARGS) - 2:]
-    assert ray[:3] == ["python", "-m", "riskva_core.launch.ray_train"] and ray[-len(ARGS) - 1:] == ["--", *ARGS]
+    assert ray[:3] == ["python", "-m", "riskva_assets.ray_train"] and ray[-len(ARGS) - 1:] == ["--", *ARGS]
     flags = dict(zip(ray[3:ray.index("--"):2], ray[4:ray.index("--"):2]))
     assert flags == {"--num_ranks": "16", "--deepspeed_config": "configs/ds_zero2.json", "--placement": "SPREAD",
                      "--cpus_per_rank": "1.0", "--gpus_per_rank": "1", "--max_failures": "0",
-                     "--rank_module": "riskva_core.launch.rank"}
+                     "--rank_module": "riskva_assets.pipes_rank"}
     zero3 = TrainingLauncher(accelerate_config="configs/deepspeed_zero3.yaml", num_processes=1).spec()
     assert deepspeed_json(zero3) == "configs/ds_zero3.json"
 
@@ -49,7 +49,7 @@ def test_each_launcher_runs_the_same_entry_with_the_same_deepspeed_json():
 def test_ray_train_scaling_maps_one_gpu_per_rank_and_refuses_shares_and_multiples():
     """Ray Train's ScalingConfig as the ray job builds it: N workers, CPUs per rank, 1 GPU per rank (use_gpu),
     the placement strategy; a fraction or several GPUs per rank is refused (one line, before any job)."""
-    from riskva_core.launch.ray_train import run_config, scaling_config
+    from riskva_assets.ray_train import run_config, scaling_config
 
     gpu = scaling_config(16, 4.0, 1, "SPREAD")
     assert (gpu.num_workers, gpu.use_gpu, gpu.placement_strategy) == (16, True, "SPREAD")

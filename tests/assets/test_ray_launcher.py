@@ -3,7 +3,7 @@
 The Dagster side runs inside the worker's namespace and reaches the head only over the veth pair;
 before any job, every address the cluster advertises is checked to be a namespace address, so no
 packet goes to the host's own address. ``lora_adapter`` then trains from 2 ranks on the 2 nodes under
-DeepSpeed ZeRO-2 on gloo, each rank a worker of Ray Train's ``TorchTrainer`` (riskva_core/launch/ray_train.py): a cancel mid-run leaves a checkpoint from each rank, the re-execution
+DeepSpeed ZeRO-2 on gloo, each rank a worker of Ray Train's ``TorchTrainer`` (riskva_assets/ray_train.py): a cancel mid-run leaves a checkpoint from each rank, the re-execution
 resumes from it, logs and metrics are in the Dagster run, and the adapter equals the local 2-rank
 run's with the same seed.
 """

@@ -2,7 +2,7 @@
 flags on top, pixel bounds that follow the user's, the LoRA low-rate warning, DataParallel refused.
 
 Parsing only (no model is loaded): config_from_args is what `python -m riskva_core.train`,
-`accelerate launch -m riskva_core.train`, `riskva train` and riskva_core/launch/rank.py all call.
+`accelerate launch -m riskva_core.train`, `riskva train` and riskva_assets/pipes_rank.py all call.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The Ray job of the ``ray`` launcher: Ray Train's ``TorchTrainer`` runs one rank per worker.
 
-    python -m riskva_core.launch.ray_train --num_ranks N --deepspeed_config configs/ds_zero2.json \\
+    python -m riskva_assets.ray_train --num_ranks N --deepspeed_config configs/ds_zero2.json \\
         [--placement PACK] [--cpus_per_rank 1] [--gpus_per_rank 1] [--max_failures 0] \\
-        [--rank_module riskva_core.launch.rank] -- <riskva_core.train flags>
+        [--rank_module riskva_assets.pipes_rank] -- <riskva_core.train flags>
 
 dagster-ray submits this as the job's entrypoint, with the Pipes environment in the job's
 runtime_env. ``ScalingConfig`` carries the ranks, CPUs/GPUs per rank and the placement strategy;
@@ -10,7 +10,7 @@ runtime_env. ``ScalingConfig`` carries the ranks, CPUs/GPUs per rank and the pla
 ``FailureConfig(max_failures)``. Ray Train places the workers, sets up the torch.distributed
 process group (gloo on CPU, nccl on GPU; MASTER_ADDR/PORT from rank 0's node) and sets RANK,
 WORLD_SIZE, LOCAL_RANK and ACCELERATE_TORCH_DEVICE; each worker then runs the same rank entry
-(rank.py) with ``--deepspeed <json>``, which DeepSpeed and accelerate join instead of making a
+(pipes_rank.py) with ``--deepspeed <json>``, which DeepSpeed and accelerate join instead of making a
 group of their own.
 
 Checkpoints are Trainer's own ``checkpoint-N`` in the output dir on the shared data root (not Ray
@@ -88,7 +88,7 @@ def train_worker(config: dict) -> None:
     from dagster_pipes import DAGSTER_PIPES_MESSAGES_ENV_VAR, encode_param
 
     from riskva_core.atomic import write_text
-    from riskva_core.launch.rank import StopWhenRequested
+    from riskva_assets.pipes_rank import StopWhenRequested
 
     # The repository checkout, as for the local launcher's ranks: relative paths in the flags (the
     # DeepSpeed JSON) mean the same on every node, wherever Ray starts its worker processes.
@@ -132,7 +132,7 @@ def relay(path: Path, done: threading.Event) -> None:
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m riskva_core.launch.ray_train",
+    parser = argparse.ArgumentParser(prog="python -m riskva_assets.ray_train",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--num_ranks", type=int, required=True)
     parser.add_argument("--deepspeed_config", required=True)
@@ -140,7 +140,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--cpus_per_rank", type=float, default=1.0)
     parser.add_argument("--gpus_per_rank", type=float, default=0.0)
     parser.add_argument("--max_failures", type=int, default=0)
-    parser.add_argument("--rank_module", default="riskva_core.launch.rank")
+    parser.add_argument("--rank_module", default="riskva_assets.pipes_rank")
     if "--" not in argv:
         parser.error("the riskva_core.train flags follow `--`")
     cut = argv.index("--")

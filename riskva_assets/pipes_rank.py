@@ -1,15 +1,16 @@
 """One training rank under Dagster Pipes: what every launcher runs on every rank.
 
     accelerate launch --config_file configs/deepspeed_zero2.yaml --num_processes N \\
-        -m riskva_core.launch.rank <riskva_core.train flags>
+        -m riskva_assets.pipes_rank <riskva_core.train flags>
 
-(the Ray launcher calls :func:`main` in each Ray Train worker instead: ray_train.py).
+(the Ray launcher calls :func:`main` in each Ray Train worker instead: riskva_assets/ray_train.py).
 
 Rank 0 alone opens the Pipes connection: its log lines and metrics stream to the Dagster run, and
 its final metrics become the ``lora_adapter`` materialization (exactly one, whatever the number of
 ranks). Other ranks train with no reporter. Outside Dagster (no Pipes environment) it behaves like
-``python -m riskva_core.train``. It needs ``dagster_pipes``, the dependency-free protocol library
-(no ``dagster`` import): this package is the one place in riskva_core allowed to use it.
+``python -m riskva_core.train``. It imports ``dagster_pipes`` (the protocol library, no ``dagster``),
+never the ``dagster`` package: a rank loads this module and riskva_assets' empty ``__init__``
+only, not the Dagster definitions.
 
 A wrapper module can add ``TrainerCallback``s through ``main(argv, callbacks)`` and be named as the
 launcher's ``rank_module`` (tests/paused_rank.py pauses a run after a step that way).
