@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from riskva_core.launch.commands import venv_first_path
 from riskva_core.schema import LEVELS
 
 @pytest.fixture(autouse=True, scope="session")
@@ -48,6 +49,12 @@ def _hermetic_data_root(tmp_path_factory):
 # two workers from oversubscribing two cores, not more. A value the caller set is kept.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# The suite's processes find the venv's tools first, as in a shell with the venv activated (and as
+# the local launcher gives its ranks): with the system's ninja for some launches and the venv's for
+# others, DeepSpeed rebuilt its CPU shm op on every switch (riskva_core/launch/commands.py).
+os.environ["PATH"] = venv_first_path()
 
 
 # `make test` runs the suite on one pytest-xdist worker per core, a whole module per worker

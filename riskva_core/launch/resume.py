@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import hashlib
 import io
 import json
@@ -388,16 +389,28 @@ def _content(path: Path) -> bytes:
     import yaml
 
     raw = path.read_bytes()
+    if path.suffix == ".py":
+        return _python_meaning(raw, str(path))
     try:
-        if path.suffix == ".py":
-            return ast.dump(_strip_docstrings(ast.parse(raw, filename=str(path)))).encode()
         if path.suffix == ".json":
             return json.dumps(json.loads(raw), sort_keys=True).encode()
         if path.suffix in (".yaml", ".yml"):
             return json.dumps(yaml.safe_load(raw), sort_keys=True, default=str).encode()
-    except (SyntaxError, ValueError, UnicodeDecodeError, yaml.YAMLError):
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError):
         return raw
     return raw
+
+
+# Every Dagster process (webserver, code server, daemon, each CLI call) hashes all assets' sources
+# at import, and the assets share most of riskva_core: one parse per file content and process, not
+# one per asset. The key is the file's bytes, so an edited file is never answered from the cache of a
+# long-lived process such as `dagster dev`.
+@functools.lru_cache(maxsize=4096)
+def _python_meaning(raw: bytes, filename: str) -> bytes:
+    try:
+        return ast.dump(_strip_docstrings(ast.parse(raw, filename=filename))).encode()
+    except (SyntaxError, ValueError, UnicodeDecodeError):
+        return raw
 
 
 def source_version(sources: Sequence[str], root: Path) -> str:

@@ -79,3 +79,21 @@ def test_the_local_launcher_defaults_to_one_rank_per_visible_gpu(monkeypatch):
     assert TrainingLauncher().ranks() == 1
     with pytest.raises(dg.Failure, match="num_processes must be set for the ray launcher"):
         TrainingLauncher(launcher="ray").ranks()
+
+
+def test_local_ranks_find_this_venvs_tools_first_and_pods_keep_their_images_path(monkeypatch):
+    """DeepSpeed JIT-builds its CPU shm op with the first ``ninja`` on PATH; a system ninja for some
+    launches and the venv's for others rebuilt it on every switch. Local ranks get this interpreter's
+    folder first, once; a pod or a Ray node keeps its own PATH."""
+    import os
+    import sys
+
+    from riskva_core.launch.commands import rank_env, venv_first_path
+
+    here = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", here, "/bin"]))
+    assert venv_first_path() == os.pathsep.join([here, "/usr/bin", "/bin"])
+    assert venv_first_path("/opt/x::/usr/bin") == os.pathsep.join([here, "/opt/x", "/usr/bin"])
+    assert rank_env(TrainingLauncher().spec())["PATH"] == venv_first_path()
+    for other in ("ray", "k8s"):
+        assert "PATH" not in rank_env(TrainingLauncher(launcher=other, num_processes=2).spec())
