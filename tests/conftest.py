@@ -60,22 +60,23 @@ os.environ["PATH"] = venv_first_path()
 # `make test` runs the suite on one pytest-xdist worker per core, a whole module per worker
 # (--dist loadfile, so module fixtures are built once) and modules in collection order
 # (--no-loadscope-reorder). The longest modules go first, so that the workers finish together
-# instead of one starting the Ray test when the other is done. Seconds: `pytest --durations=0` on
-# the AVX2-only 2-core box, 2026-12-07 (on the AMX Xeon they are 0.4-1.2x of these; the order holds).
-# Only the order changes; a module missing from this list runs after them.
+# instead of one starting the Ray test when the other is done; the Ray test, which mostly waits on
+# its cluster, runs beside the real-width one, which computes. Seconds: `CI=true pytest -n 2 …` on a
+# 2-core Xeon with AMX, 2026-12-07 (728 s in all). Only the order changes; a module missing from this
+# list runs after them.
 LONGEST_FIRST = (
-    "tests/assets/test_ray_launcher.py",         # 385 s: Ray cluster in two namespaces, three trainings
-    "tests/model/test_real_width.py",            # the 7B's widths: two trainings, merge, infer
-    "tests/assets/test_ui.py",                   # 207 s: webserver, Chromium, a whole run
-    "tests/model/test_benchmark_dry_runs.py",    # 207 s: the full-7B benchmark on the tiny model
-    "tests/assets/test_resume.py",               # 133 s
-    "tests/train/test_launch.py",                # 129 s
-    "tests/test_readme.py",                      # 111 s
-    "tests/assets/test_assets.py",               # 101 s
-    "tests/train/test_train.py",                 # 93 s
-    "tests/assets/test_lineage.py",              # 90 s
-    "tests/assets/test_cancel.py",               # 67 s
-    "tests/feedback/test_field_loop.py",         # 57 s (103 s on a first run): serve, Label Studio, Dagster
+    "tests/assets/test_ray_launcher.py",         # 171 s (50 s of CPU): Ray cluster in two namespaces
+    "tests/model/test_real_width.py",            # 253 s: the 7B's widths: two trainings, merge, infer
+    "tests/assets/test_ui.py",                   # 95 s: webserver, Chromium, a whole run
+    "tests/model/test_benchmark_dry_runs.py",    # 126 s: the full-7B benchmark on the tiny model
+    "tests/assets/test_resume.py",               # 48 s
+    "tests/train/test_launch.py",                # 97 s
+    "tests/test_readme.py",                      # 62 s
+    "tests/assets/test_assets.py",               # 45 s
+    "tests/train/test_train.py",                 # 76 s
+    "tests/assets/test_lineage.py",              # 66 s
+    "tests/assets/test_cancel.py",               # 48 s
+    "tests/feedback/test_field_loop.py",         # 29 s (more on a first run): serve, Label Studio, Dagster
 )
 
 
