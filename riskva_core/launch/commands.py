@@ -140,10 +140,10 @@ def venv_first_path(path: str | None = None) -> str:
     """``path`` (default $PATH) with this interpreter's folder first, as an activated venv has it.
 
     DeepSpeed JIT-compiles its CPU ops (the shm all-reduce of CPU ranks) with whichever ``ninja`` comes
-    first on PATH. The venv's (pip's ninja 1.13) and the system's (Debian's 1.11) hash their build logs
-    differently, so ranks started alternately with and without the venv's folder on PATH rebuilt the
-    op on every switch: 30 s on 2 cores per launch (measured 2026-12-07). The ranks run this
-    interpreter, so they get its tools too."""
+    first on PATH. The venv's (pip's ninja 1.13) and the system's (Debian's 1.11) record different
+    command hashes in the same build log, so ranks started alternately with and without the venv's
+    folder on PATH rebuilt the op on every switch: 26 s per launch on 2 cores (2026-12-07). The
+    ranks run this interpreter, so they get its tools too."""
     here = str(Path(sys.executable).parent)
     rest = [p for p in (os.environ.get("PATH", "") if path is None else path).split(os.pathsep) if p and p != here]
     return os.pathsep.join([here, *rest])
